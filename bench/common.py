@@ -1,0 +1,54 @@
+"""Shared by the benchmark recipes: the SST-2 sample, the hyper-parameters, the measurements."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(os.environ.get("DELTATUNE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SST2 = SHARED / "data" / "sst2"
+WORK = Path(__file__).resolve().parent / ".work"
+
+# One set of hyper-parameters for every recipe: only the machinery differs.
+HPARAMS = {"model": "minilm-l6", "rows": 2000, "epochs": 1, "batch_size": 16, "lr": 1e-4, "warmup": 0.06,
+           "weight_decay": 0.01, "max_grad_norm": 1.0, "max_length": 128, "seed": 42}
+
+
+def read_tsv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{"text": r["sentence"], "label": r["label"]}
+                for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def prepare() -> dict[str, Path]:
+    """A seeded 2,000-row sample of train.tsv, and test.tsv (GLUE's SST-2 validation set), as TSV files."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows = read_tsv(SST2 / "train.tsv")
+    pick = np.random.default_rng(HPARAMS["seed"]).choice(len(rows), HPARAMS["rows"], replace=False)
+    out = {"train": WORK / "sst2_train_2000.tsv", "test": WORK / "sst2_test.tsv"}
+    for name, subset in (("train", [rows[i] for i in sorted(pick)]), ("test", read_tsv(SST2 / "test.tsv"))):
+        with open(out[name], "w", encoding="utf-8", newline="") as f:
+            f.write("text\tlabel\n")
+            f.writelines(f"{r['text']}\t{r['label']}\n" for r in subset)
+    return out
+
+
+def real_tokens(tokenizer, texts: list[str]) -> int:
+    """Non-pad tokens in one epoch: the work every recipe must do, whatever it pads to."""
+    return sum(len(x) for x in tokenizer(texts, truncation=True, max_length=HPARAMS["max_length"])["input_ids"])
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(result: dict) -> None:
+    """Children print one JSON line; the orchestrator collects it."""
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")

@@ -1,0 +1,30 @@
+"""deltatune on the same data with the same hyper-parameters, through its public library API."""
+
+from __future__ import annotations
+
+from common import HPARAMS, WORK, prepare, read_tsv, real_tokens, report
+
+from deltatune import api, config
+from deltatune.models import load_tokenizer
+
+
+def main() -> None:
+    files = prepare()
+    h = HPARAMS
+    cfg = config.load(None, [
+        f"model.name={h['model']}", f"data.train={files['train']}", "data.validation=null",
+        f"data.max_length={h['max_length']}", f"train.epochs={h['epochs']}", f"train.batch_size={h['batch_size']}",
+        f"train.lr={h['lr']}", f"train.warmup={h['warmup']}", f"train.weight_decay={h['weight_decay']}",
+        f"train.max_grad_norm={h['max_grad_norm']}", f"train.seed={h['seed']}", "train.precision=auto",
+        "train.schedule=linear", f"output.dir={WORK / 'deltatune'}", "output.overwrite=true",
+    ])
+    summary = api.train(cfg)
+    result = api.evaluate(WORK / "deltatune", str(files["test"]))
+    tokens = real_tokens(load_tokenizer(h["model"]), [r["text"] for r in read_tsv(files["train"])]) * h["epochs"]
+    seconds = summary["train_seconds"]
+    report({"recipe": "deltatune", "precision": summary["precision"], "train_seconds": seconds,
+            "real_tokens_per_s": round(tokens / seconds, 1), "accuracy": result["accuracy"], "f1": result["f1"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The library's front: train a config; evaluate and predict with a saved run directory.
+
+Every CLI command is one call into a function here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from deltatune import config as config_mod
+from deltatune import data as data_mod
+from deltatune import methods, models
+from deltatune.config import RunConfig
+from deltatune.data import sources
+from deltatune.data.batching import collate, eval_batches
+from deltatune.data.build import tokenize_split
+from deltatune.engine import distributed, loop, precision
+from deltatune.engine.report import console, summary_table
+from deltatune.errors import ConfigError, DeltatuneError
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Refuse combinations that cannot work before any weight is loaded."""
+    precision.resolve(cfg.train.precision, _default_device())
+    out = Path(cfg.output.dir)
+    if (out / "summary.json").exists() and not cfg.output.overwrite:
+        raise ConfigError(f"output.dir: {out} already holds a finished run. Fix: choose another output.dir "
+                          f"or set output.overwrite=true.")
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(cfg: RunConfig) -> dict:
+    """Fine-tune as `cfg` says; returns the summary also written to `<output.dir>/summary.json`."""
+    preflight(cfg)
+    dist = distributed.setup()
+    run_dir = Path(cfg.output.dir)
+    try:
+        if dist.is_main:
+            if cfg.output.overwrite and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        dist.barrier()
+        t0 = time.perf_counter()
+        loop.seed_everything(cfg.train.seed)
+        tokenizer = models.load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
+        bundle = data_mod.build(cfg.data, tokenizer)
+        if dist.is_main:
+            (run_dir / "labels.json").write_text(json.dumps(bundle.labels, indent=1), encoding="utf-8")
+        # Seed again so the new head's initialisation does not depend on how much data work ran.
+        loop.seed_everything(cfg.train.seed)
+        model = models.load_classifier(cfg.model.name, bundle.labels, tokenizer, cfg.model.revision,
+                                       cfg.model.trust_remote_code)
+        model = methods.apply(model, cfg.method)
+        setup_s = time.perf_counter() - t0
+        result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist)
+        summary = {"run_dir": str(run_dir), "task": cfg.task, "model": cfg.model.name, "method": cfg.method.name,
+                   "labels": bundle.labels, "data": bundle.stats, "setup_seconds": round(setup_s, 2), **result}
+        if dist.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            console.print(summary_table(summary))
+        return summary
+    finally:
+        distributed.teardown(dist)
+
+
+# ---------------------------------------------------------------------------------------------
+# Using a finished run
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    config: RunConfig
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    labels: list[str]
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
+    path = Path(run_dir)
+    for needed in ("config.yaml", "model", "labels.json"):
+        if not (path / needed).exists():
+            raise DeltatuneError(f"{path}: not a finished deltatune run (missing {needed}). "
+                                 f"Fix: pass the output.dir of a run that completed `deltatune train`.")
+    cfg = config_mod.load(path / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(path / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(path / "model", dtype=torch.float32)
+    model.to(device or _default_device()).eval()
+    labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
+    return LoadedRun(path, cfg, model, tokenizer, labels)
+
+
+def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
+    """Metrics of a saved run on a labelled file (default: the run's own validation data)."""
+    run = load_run(run_dir)
+    section = run.config.data.model_copy()
+    if data_file is not None:
+        raw = sources.read(data_file, section.columns)
+        sources.require_columns(raw, {"data.text": section.text, "data.text_pair": section.text_pair,
+                                               "data.label": section.label}, data_file)
+        split = tokenize_split("eval", raw, section, run.tokenizer, run.labels, data_file)
+    else:
+        bundle = data_mod.build(section, run.tokenizer, labels=run.labels)
+        if bundle.validation is None:
+            raise ConfigError(f"{run.path}: the run had no validation data. Fix: pass --data FILE.")
+        split = bundle.validation
+    prec = precision.resolve(run.config.train.precision, next(run.model.parameters()).device)
+    device = next(run.model.parameters()).device
+    result = loop.evaluate(run.model, split, len(run.labels), prec, device, run.tokenizer.pad_token_id,
+                           run.config.eval.batch_size)
+    result["rows"] = split.rows
+    result["truncated"] = split.truncated
+    return result
+
+
+@torch.no_grad()
+def predict(run_dir: str | Path | LoadedRun, texts: list[str], batch_size: int = 64) -> list[dict]:
+    """Label and per-label probabilities for each text."""
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
+    if not texts:
+        return []
+    enc = run.tokenizer(texts, truncation=True, max_length=run.config.data.max_length)["input_ids"]
+    device = next(run.model.parameters()).device
+    out: list[dict | None] = [None] * len(texts)
+    for ids in eval_batches([len(x) for x in enc], batch_size):
+        batch = collate({"input_ids": [enc[i] for i in ids]}, run.tokenizer.pad_token_id)
+        logits = run.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        probs = logits.softmax(-1).cpu()
+        for row, i in enumerate(ids):
+            k = int(probs[row].argmax())
+            out[i] = {"text": texts[i], "label": run.labels[k], "score": float(probs[row, k]),
+                      "scores": {name: float(p) for name, p in zip(run.labels, probs[row].tolist())}}
+    return out  # type: ignore[return-value]

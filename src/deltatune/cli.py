@@ -1,0 +1,134 @@
+"""The `deltatune` command. Each subcommand is a thin call into the library (deltatune.api et al.)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from deltatune.errors import DeltatuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune pretrained transformers, fully or with a small delta.")
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (see configs/)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value ...")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="show the resolved config and exit")] = False,
+) -> None:
+    """Fine-tune a model as CONFIG says; writes a run directory (output.dir)."""
+    from deltatune import config as config_mod
+
+    # `deltatune train a=b` (no file) is allowed: typer hands the first override in as CONFIG.
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides = [str(config), *(overrides or [])]
+        config = None
+    cfg = config_mod.load(config, overrides or [])
+    if print_config:
+        out.print(cfg.to_yaml(), end="", markup=False, highlight=False)
+        return
+    from deltatune import api
+
+    api.train(cfg)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    data: Annotated[str | None, typer.Option("--data", help="labelled file (default: the run's validation)")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Evaluate a saved run: accuracy, precision, recall, F1, loss."""
+    from deltatune import api
+
+    result = api.evaluate(run_dir, data)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    table = Table(title=f"eval {run_dir}" + (f" on {data}" if data else ""))
+    for key in result:
+        table.add_column(key, justify="right")
+    table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in result.values()])
+    out.print(table)
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    texts: Annotated[list[str] | None, typer.Argument(help="texts to classify")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="one text per line ('-' for stdin)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Classify texts with a saved run."""
+    from deltatune import api
+
+    items = list(texts or [])
+    if file is not None:
+        lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text(encoding="utf-8").splitlines()
+        items += [line for line in lines if line.strip()]
+    if not items:
+        raise DeltatuneError("predict: give texts as arguments or --file FILE")
+    results = api.predict(run_dir, items)
+    if as_json:
+        for r in results:
+            print(json.dumps(r, ensure_ascii=False))
+        return
+    table = Table(title=f"predictions of {run_dir}")
+    table.add_column("text", overflow="fold")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    for r in results:
+        table.add_row(r["text"], r["label"], f"{r['score']:.3f}")
+    out.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List built-in models (weights shipped by installable packages; no hub needed)."""
+    from deltatune.models.catalogue import BUILTIN_MODELS
+
+    table = Table(title="built-in models")
+    table.add_column("name", no_wrap=True)
+    for col in ("architecture", "params", "package", "description"):
+        table.add_column(col)
+    for m in BUILTIN_MODELS.values():
+        table.add_row(m.name, m.architecture, m.params, m.package, m.description)
+    out.print(table)
+
+
+@app.command()
+def datasets(
+    prepare: Annotated[bool, typer.Option("--prepare", help="extract every built-in into the local cache now")]
+    = False,
+) -> None:
+    """List built-in data sets (use as data.train=builtin:NAME)."""
+    from deltatune.data.builtin import BUILTIN_DATASETS
+
+    table = Table(title="built-in data sets")
+    table.add_column("name", no_wrap=True)
+    for col in ("rows", "labels", "package", "description", "cached"):
+        table.add_column(col)
+    for d in BUILTIN_DATASETS.values():
+        cached = d.path() if prepare else None
+        table.add_row(f"builtin:{d.name}", f"{d.rows:,}", ", ".join(d.labels), d.package, d.description,
+                      str(cached or ""))
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except DeltatuneError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)

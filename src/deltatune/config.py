@@ -1,0 +1,218 @@
+"""RunConfig: the validated description of one run, loaded from YAML plus `section.key=value` overrides.
+
+Unknown keys, wrong types and out-of-range values are errors that name the key, the file and line
+where it was set (or the override that set it), and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deltatune.errors import ConfigError, did_you_mean
+
+
+class Section(BaseModel):
+    # extra="forbid" is what turns a typo into an error instead of a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSection(Section):
+    name: str = Field("minilm-l6", description="built-in name, Hugging Face id, or local directory")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class MethodSection(Section):
+    name: str = Field("full", description="fine-tuning method; `deltatune methods` lists them")
+
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from deltatune.methods import REGISTRY
+
+        if v not in REGISTRY:
+            raise ValueError(f"unknown method `{v}`{did_you_mean(v, REGISTRY)}")
+        return v
+
+
+class DataSection(Section):
+    train: str = Field(..., description="builtin:NAME or a .csv/.tsv/.jsonl/.parquet file")
+    validation: str | float | None = Field(0.1, description="a file, or a seeded fraction of train")
+    text: str = "text"
+    text_pair: str | None = None
+    label: str = "label"
+    labels: list[str] | None = Field(None, description="label names in id order (default: sorted)")
+    columns: list[str] | None = Field(None, description="column names for CSV/TSV files without a header")
+    max_length: int = Field(128, ge=8, le=32768)
+    seed: int = 42
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction(cls, v: str | float | None) -> str | float | None:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError("a validation fraction must be between 0 and 1 (e.g. 0.1)")
+        return v
+
+
+class TrainSection(Section):
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, ge=1, description="micro-batch per process; step = batch x grad_accum x procs")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.06, ge=0, description="fraction of steps (<1) or a number of steps (>=1)")
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 42
+    log_every: int = Field(10, ge=1)
+    compile: bool = False
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+
+
+class EvalSection(Section):
+    every: Literal["epoch"] | int = Field("epoch", description="`epoch` or a number of optimizer steps")
+    metric: Literal["accuracy", "f1", "precision", "recall", "loss"] = "accuracy"
+    patience: int | None = Field(None, ge=1, description="stop after this many evals without improvement")
+    batch_size: int = Field(64, ge=1)
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("eval.every must be `epoch` or a positive number of steps")
+        return v
+
+
+class OutputSection(Section):
+    dir: str = "runs/default"
+    overwrite: bool = Field(False, description="replace an existing run directory")
+
+
+class RunConfig(Section):
+    task: Literal["classification"] = "classification"
+    model: ModelSection = ModelSection()
+    method: MethodSection = MethodSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    output: OutputSection = OutputSection()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (optional), apply `section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    source = "<overrides>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            raw = yaml.safe_load(text) or {}
+            lines = _key_lines(yaml.compose(text))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (task:, model:, ...)")
+    origin = {k: f"{source}:{line}" for k, line in lines.items()}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _set(raw, keys, value, item)
+        origin[keys] = f"override `{item}`"
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, origin, source)) from None
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """`method.target_modules=[query,value]` -> (("method", "target_modules"), ["query", "value"])."""
+    if "=" not in item:
+        raise ConfigError(f"override `{item}` must look like section.key=value (e.g. train.lr=1e-4)")
+    key, _, text = item.partition("=")
+    keys = tuple(k for k in key.strip().split(".") if k)
+    if not keys:
+        raise ConfigError(f"override `{item}` has no key before `=`")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override `{item}`: value is not valid YAML: {e}") from None
+    # YAML 1.1 reads 1e-4 as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return keys, value
+
+
+def _set(raw: dict[str, Any], keys: tuple[str, ...], value: Any, item: str) -> None:
+    node = raw
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override `{item}`: `{k}` is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _key_lines(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each key path in a composed YAML document to its 1-based line number."""
+    out: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, str(key_node.value))
+            out[path] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, path))
+    return out
+
+
+def _section_fields(path: tuple[str | int, ...]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, origin: dict[tuple[str, ...], str], source: str) -> str:
+    problems = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int))
+        # Pydantic appends the union branch / type name to the location: keep only real keys.
+        loc = tuple(p for p in loc if not p.startswith(("literal[", "function-")) and p not in
+                    {"str", "float", "int", "bool", "list[str]", "none"})
+        key = ".".join(loc) or "(top level)"
+        where = origin.get(loc) or source
+        if e["type"] == "extra_forbidden":
+            prefix = ".".join(loc[:-1]) + "." if len(loc) > 1 else ""
+            hint = did_you_mean(loc[-1], _section_fields(loc[:-1])).replace("`", "`" + prefix, 1)
+            problems.append(f"{where}: unknown key `{key}`{hint}")
+        elif e["type"] == "missing":
+            key = "data.train" if key == "data" else key
+            problems.append(f"{where}: `{key}` is required (e.g. data.train: builtin:movie-reviews)")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            problems.append(f"{where}: `{key}`: {msg}{shown}")
+    # One line per problem; duplicates arise from union branches.
+    return "invalid config:\n  " + "\n  ".join(dict.fromkeys(problems))

@@ -1,0 +1,117 @@
+"""Rows -> validated -> tokenized (cached by `datasets`) splits for a classification run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from deltatune.config import DataSection
+from deltatune.data import sources
+from deltatune.errors import DataError
+
+MAX_SHOWN = 5  # offending rows quoted in an error
+
+
+@dataclass
+class Split:
+    name: str
+    dataset: datasets.Dataset  # columns: input_ids, attention_mask, labels, length
+    rows: int
+    truncated: int
+    where: str
+
+
+@dataclass
+class DataBundle:
+    labels: list[str]
+    train: Split
+    validation: Split | None
+    stats: dict = field(default_factory=dict)
+
+
+def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None
+          ) -> DataBundle:
+    """Read, validate, split, and tokenize. `labels` fixes the label set (e.g. from a saved run)."""
+    train_raw, train_where = _read(section, section.train)
+    val_raw, val_where = None, None
+    if isinstance(section.validation, str):
+        val_raw, val_where = _read(section, section.validation)
+    elif isinstance(section.validation, float):
+        parts = train_raw.train_test_split(test_size=section.validation, seed=section.seed)
+        train_raw, val_raw = parts["train"], parts["test"]
+        val_where = f"{train_where} ({section.validation:.0%} held out, seed {section.seed})"
+
+    labels = labels or section.labels or _label_set(train_raw, section.label)
+    train = tokenize_split("train", train_raw, section, tokenizer, labels, train_where)
+    val = tokenize_split("validation", val_raw, section, tokenizer, labels, val_where) if val_raw else None
+    stats = {
+        "train_rows": train.rows, "validation_rows": val.rows if val else 0,
+        "train_truncated": train.truncated, "validation_truncated": val.truncated if val else 0,
+        "max_length": section.max_length,
+    }
+    return DataBundle(labels=labels, train=train, validation=val, stats=stats)
+
+
+def _read(section: DataSection, spec: str) -> tuple[datasets.Dataset, str]:
+    ds = sources.read(spec, section.columns)
+    where = str(sources.resolve_path(spec))
+    sources.require_columns(
+        ds, {"data.text": section.text, "data.text_pair": section.text_pair, "data.label": section.label}, where)
+    return ds, where
+
+
+def _label_set(ds: datasets.Dataset, column: str) -> list[str]:
+    values = {str(v) for v in ds.unique(column)}
+    # Integer labels sort numerically so that "10" comes after "9" and ids match the numbers.
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
+
+
+def tokenize_split(name: str, ds: datasets.Dataset, section: DataSection, tokenizer: PreTrainedTokenizerBase,
+                   labels: list[str], where: str, with_labels: bool = True) -> Split:
+    first_line = sources.first_data_line(Path(where.split(" (")[0]), has_header=section.columns is None)
+    _check_rows(ds, section, labels if with_labels else None, where, first_line)
+    label_id = {name: i for i, name in enumerate(labels)}
+    cols = [c for c in (section.text, section.text_pair) if c]
+
+    def encode(batch: dict) -> dict:
+        texts = [batch[c] for c in cols]
+        enc = tokenizer(*texts, truncation=True, max_length=section.max_length)
+        full = tokenizer(*texts, truncation=False)["input_ids"]
+        out = {"input_ids": enc["input_ids"], "length": [len(x) for x in enc["input_ids"]],
+               "truncated": [len(f) > section.max_length for f in full]}
+        if with_labels:
+            out["labels"] = [label_id[str(v)] for v in batch[section.label]]
+        return out
+
+    # `map` results are cached on disk by the fingerprint of data + function + tokenizer.
+    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {name}")
+    truncated = sum(tokenized["truncated"])
+    tokenized = tokenized.remove_columns("truncated")
+    return Split(name=name, dataset=tokenized, rows=len(ds), truncated=truncated, where=where)
+
+
+def _check_rows(ds: datasets.Dataset, section: DataSection, labels: list[str] | None, where: str,
+                first_line: int) -> None:
+    """Empty texts and unknown labels are errors naming the file line; nothing is dropped silently."""
+    allowed = set(labels) if labels is not None else None
+    empty, unknown = [], []
+    text_cols = [c for c in (section.text, section.text_pair) if c]
+    table = ds.select_columns(text_cols + ([section.label] if allowed is not None else []))[:]
+    for col in text_cols:
+        empty += [f"line {first_line + i}: `{col}` is empty"
+                  for i, v in enumerate(table[col]) if v is None or not str(v).strip()]
+    if allowed is not None:
+        unknown = [f"line {first_line + i}: label {v!r}"
+                   for i, v in enumerate(table[section.label]) if str(v) not in allowed]
+    if empty:
+        raise DataError(f"{where}: {len(empty)} row(s) with empty text:\n    "
+                        + "\n    ".join(empty[:MAX_SHOWN]) + "\n  Fix: remove or fill these rows.")
+    if unknown:
+        raise DataError(f"{where}: {len(unknown)} row(s) with a label not in the label set "
+                        f"{labels}:\n    " + "\n    ".join(unknown[:MAX_SHOWN])
+                        + "\n  Fix: correct these labels, or list every label in `data.labels`.")

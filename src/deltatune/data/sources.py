@@ -1,0 +1,74 @@
+"""Read rows from files (CSV, TSV, JSONL, Parquet) or built-ins through the `datasets` library."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import datasets
+
+from deltatune.data import builtin
+from deltatune.errors import ConfigError, DataError, did_you_mean
+
+datasets.disable_progress_bars()
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def resolve_path(spec: str) -> Path:
+    if spec.startswith("builtin:"):
+        return builtin.resolve(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data file not found: {spec}")
+    return path
+
+
+def read(spec: str, columns: list[str] | None = None) -> datasets.Dataset:
+    """Load one file as a Dataset. `columns` names the columns of a header-less CSV/TSV file."""
+    path = resolve_path(spec)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"{path}: unsupported file type `{path.suffix}`; use one of {', '.join(FORMATS)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    kwargs: dict = {}
+    if fmt == "csv":
+        tsv = path.suffix.lower() == ".tsv"
+        # Quotes in TSV text are literal characters (SST-2 has many), not field delimiters.
+        kwargs = {"sep": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
+        names = columns or _header(path, tsv)
+        if columns:
+            kwargs.update(header=None, names=columns)
+        # Every column as a string: a label column of "1"/"0" must not turn into floats with NaN.
+        kwargs.update(keep_default_na=False,
+                      features=datasets.Features({n: datasets.Value("string") for n in names}))
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets wraps parser errors in several types; all mean "cannot read"
+        cause = e.__cause__ or e
+        raise DataError(f"{path}: cannot read as {fmt}: {type(cause).__name__}: {cause}") from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: no rows")
+    return ds
+
+
+def _header(path: Path, tsv: bool) -> list[str]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
+        return next(reader, [])
+
+
+def first_data_line(path: Path, has_header: bool) -> int:
+    """1-based file line of row 0, used to point errors at the right line."""
+    return 2 if has_header and FORMATS.get(path.suffix.lower()) == "csv" else 1
+
+
+def require_columns(ds: datasets.Dataset, names: dict[str, str | None], where: str) -> None:
+    """Each config key (e.g. data.text) must name an existing column."""
+    for key, col in names.items():
+        if col is not None and col not in ds.column_names:
+            raise DataError(
+                f"{where}: no column `{col}` (set by `{key}`){did_you_mean(col, ds.column_names)}; "
+                f"columns are: {', '.join(ds.column_names)}"
+            )

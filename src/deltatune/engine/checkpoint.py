@@ -1,0 +1,29 @@
+"""Saving the model a run keeps, atomically: a reader sees the old complete copy or the new one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+# transformers draws a progress bar per save; with a save per improved eval that is noise.
+hf_logging.disable_progress_bar()
+
+
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():  # data on disk before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,22 @@
+"""Classification metrics via scikit-learn: binary for two classes, macro-averaged otherwise."""
+
+from __future__ import annotations
+
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False}
+
+
+def classification(y_true: list[int], y_pred: list[int], num_labels: int) -> dict[str, float]:
+    average = "binary" if num_labels == 2 else "macro"
+    p, r, f, _ = precision_recall_fscore_support(
+        y_true, y_pred, average=average, labels=list(range(num_labels)) if average == "macro" else None,
+        zero_division=0)
+    return {"accuracy": float(accuracy_score(y_true, y_pred)), "precision": float(p), "recall": float(r),
+            "f1": float(f)}
+
+
+def improved(metric: str, new: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return new > best if HIGHER_IS_BETTER[metric] else new < best

@@ -1,0 +1,48 @@
+"""Load tokenizers and task models with transformers' Auto classes."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from deltatune.errors import ConfigError
+from deltatune.models.catalogue import resolve
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False
+                   ) -> PreTrainedTokenizerBase:
+    source = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ConfigError(_not_found(name, e)) from None
+    if tok.pad_token is None:
+        # Decoder tokenizers (GPT-2, LLaMA) ship without a pad token; padding is masked out anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
+                    revision: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A sequence classifier whose head knows the label names and ids."""
+    source = resolve(name)
+    id2label = dict(enumerate(labels))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            revision=revision, trust_remote_code=trust_remote_code, dtype=torch.float32,
+        )
+    except OSError as e:
+        raise ConfigError(_not_found(name, e)) from None
+    if model.config.pad_token_id is None:
+        # Decoder classifiers pick the last non-pad token, so they must know the pad id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _not_found(name: str, err: Exception) -> str:
+    from deltatune.models.catalogue import BUILTIN_MODELS
+
+    return (f"model.name: cannot load `{name}`: {err}\n"
+            f"  Use a built-in name ({', '.join(BUILTIN_MODELS)}), a local directory, or a Hugging Face id "
+            f"that is already in your local cache (this machine may have no hub access).")

@@ -1,0 +1,90 @@
+"""Config: loading, overrides, and errors that name the key, the place and the nearest valid key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deltatune import config
+from deltatune.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = config.load(path)
+    assert cfg.data.train
+
+
+def test_shipped_configs_exist():
+    assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+
+
+def test_overrides_are_yaml(tmp_path):
+    cfg = config.load(None, ["data.train=x.csv", "train.lr=1e-4", "train.batch_size=8", "data.columns=[a,b]",
+                             "data.validation=0.2", "eval.every=50", "data.validation=dev.csv"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.train.batch_size == 8
+    assert cfg.data.columns == ["a", "b"]
+    assert cfg.data.validation == "dev.csv"
+    assert cfg.eval.every == 50
+
+
+def test_unknown_key_suggests_nearest_and_names_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  train: x.csv\ntrain:\n  epochs: 1\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    msg = str(e.value)
+    assert f"{p}:5" in msg and "unknown key `train.lrr`" in msg and "did you mean `train.lr`" in msg
+
+
+def test_unknown_section_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key `trian`.*did you mean `train`"):
+        config.load(None, ["data.train=x.csv", "trian.lr=0.1"])
+
+
+def test_wrong_type_and_range_name_the_override():
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["data.train=x.csv", "train.batch_size=lots", "train.lr=5"])
+    msg = str(e.value)
+    assert "override `train.batch_size=lots`: `train.batch_size`" in msg and "'lots'" in msg
+    assert "`train.lr`" in msg and "less than 1" in msg
+
+
+def test_bad_literal_lists_choices():
+    with pytest.raises(ConfigError, match="train.precision.*'fp32'.*'bf16'"):
+        config.load(None, ["data.train=x.csv", "train.precision=fp8"])
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(ConfigError, match="unknown method `ful`.*did you mean `full`"):
+        config.load(None, ["data.train=x.csv", "method.name=ful"])
+
+
+def test_missing_train_data_is_required():
+    with pytest.raises(ConfigError, match="`data.train` is required"):
+        config.load(None, [])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        config.load(None, ["train.lr"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(p)
+
+
+def test_roundtrip_resolved_yaml(tmp_path):
+    cfg = config.load(None, ["data.train=x.csv", "train.epochs=2"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(cfg.to_yaml())
+    assert config.load(p) == cfg

@@ -1,0 +1,127 @@
+"""Data: every file format, label maps, seeded splits, built-ins, and errors that name file and line."""
+
+from __future__ import annotations
+
+import csv
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from deltatune import config
+from deltatune.data import build
+from deltatune.data.builtin import BUILTIN_DATASETS
+from deltatune.errors import ConfigError, DataError
+
+from .conftest import toy_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def section(**kw):
+    return config.load(None, [f"data.{k}={v}" for k, v in kw.items()]).data
+
+
+def write_all_formats(tmp_path, rows):
+    df = pd.DataFrame(rows)
+    paths = {"csv": tmp_path / "d.csv", "tsv": tmp_path / "d.tsv", "parquet": tmp_path / "d.parquet",
+             "jsonl": write_jsonl(tmp_path / "d.jsonl", rows)}
+    df.to_csv(paths["csv"], index=False)
+    df.to_csv(paths["tsv"], index=False, sep="\t", quoting=csv.QUOTE_NONE)  # TSV as GLUE writes it
+    df.to_parquet(paths["parquet"])
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_formats_read_identically(tmp_path, tok, fmt):
+    rows = toy_rows(40)
+    rows[0]["text"] = 'he said "wow", then left'  # quotes and commas survive every format
+    path = write_all_formats(tmp_path, rows)[fmt]
+    b = build(section(train=path, validation="null"), tok)
+    assert b.labels == ["negative", "positive"]
+    assert b.train.rows == 40 and b.validation is None
+    first = tok(rows[0]["text"])["input_ids"]
+    assert b.train.dataset[0]["input_ids"] == first
+    assert b.train.dataset["labels"][:3] == [b.labels.index(r["label"]) for r in rows[:3]]
+
+
+def test_integer_labels_sort_numerically_and_split_is_seeded(tmp_path, tok):
+    rows = [{"sentence": r["text"], "y": i % 11} for i, r in enumerate(toy_rows(110))]
+    p = write_jsonl(tmp_path / "ints.jsonl", rows)
+    s = section(train=p, validation=0.2, text="sentence", label="y", seed=7)
+    a, b = build(s, tok), build(s, tok)
+    assert a.labels == [str(i) for i in range(11)]
+    assert a.train.rows == 88 and a.validation.rows == 22
+    assert a.validation.dataset["input_ids"] == b.validation.dataset["input_ids"]
+    other = build(section(train=p, validation=0.2, text="sentence", label="y", seed=8), tok)
+    assert other.validation.dataset["input_ids"] != a.validation.dataset["input_ids"]
+    ids = list(a.train.dataset["labels"]) + list(a.validation.dataset["labels"])
+    assert sorted(ids) == sorted(r["y"] for r in rows)
+
+
+def test_text_pair_and_headerless_columns(tmp_path, tok):
+    p = tmp_path / "pairs.tsv"
+    p.write_text("a good film\tthe plot\tpositive\na bad film\tthe actors\tnegative\n")
+    b = build(section(train=p, validation="null", columns="[premise,hypothesis,label]", text="premise",
+                      text_pair="hypothesis"), tok)
+    assert b.train.rows == 2
+    assert b.train.dataset[0]["input_ids"] == tok("a good film", "the plot")["input_ids"]
+
+
+def test_truncation_is_counted(tmp_path, tok):
+    rows = [{"text": "good " * 50, "label": "a"}, {"text": "bad", "label": "b"}]
+    b = build(section(train=write_jsonl(tmp_path / "t.jsonl", rows), validation="null", max_length=16), tok)
+    assert b.train.truncated == 1 and b.stats["train_truncated"] == 1
+    assert max(b.train.dataset["length"]) == 16
+
+
+def test_missing_column_suggests(tmp_path, tok):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"txt": "good", "label": "a"}])
+    with pytest.raises(DataError) as e:
+        build(section(train=p, validation="null", text="text"), tok)
+    assert str(p) in str(e.value) and "no column `text` (set by `data.text`)" in str(e.value)
+    assert "did you mean `txt`" in str(e.value)
+
+
+def test_empty_text_names_line(tmp_path, tok):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\ngood film,positive\n   ,negative\nbad,negative\n")
+    with pytest.raises(DataError, match=r"d\.csv: 1 row\(s\) with empty text:\n\s+line 3: `text` is empty"):
+        build(section(train=p, validation="null"), tok)
+
+
+def test_label_outside_label_set_names_line(tmp_path, tok):
+    train = write_jsonl(tmp_path / "train.jsonl", toy_rows(20))
+    val = write_jsonl(tmp_path / "val.jsonl", toy_rows(3) + [{"text": "meh", "label": "neutral"}])
+    with pytest.raises(DataError, match=r"val\.jsonl: 1 row\(s\) with a label not in the label set.*\n"
+                                        r"\s+line 4: label 'neutral'"):
+        build(section(train=train, validation=val), tok)
+    with pytest.raises(DataError, match="line 1: label"):
+        build(section(train=train, validation="null", labels="[good,bad]"), tok)
+
+
+def test_missing_empty_and_unsupported_files(tmp_path, tok):
+    with pytest.raises(ConfigError, match="data file not found"):
+        build(section(train=tmp_path / "nope.csv"), tok)
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(DataError, match="file is empty"):
+        build(section(train=tmp_path / "e.csv"), tok)
+    (tmp_path / "x.xlsx").write_text("x")
+    with pytest.raises(ConfigError, match="unsupported file type"):
+        build(section(train=tmp_path / "x.xlsx"), tok)
+    with pytest.raises(ConfigError, match="did you mean `movie-reviews`"):
+        build(section(train="builtin:movie-review"), tok)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_DATASETS))
+def test_builtin_datasets_from_packages(name):
+    ds = BUILTIN_DATASETS[name]
+    path = ds.path()  # extracts from the installed package on first use, then reads the cache
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == ds.rows
+    df = pd.read_json(path, lines=True)
+    assert sorted(df["label"].unique()) == list(ds.labels)
+    assert df["text"].str.strip().str.len().min() > 0
