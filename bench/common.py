@@ -34,7 +34,7 @@ def prepare() -> dict[str, Path]:
     out = {"train": WORK / "sst2_train_2000.tsv", "test": WORK / "sst2_test.tsv"}
     for name, subset in (("train", [rows[i] for i in sorted(pick)]), ("test", read_tsv(SST2 / "test.tsv"))):
         with open(out[name], "w", encoding="utf-8", newline="") as f:
-            f.write("text\tlabel\n")
+            f.write("sentence\tlabel\n")
             f.writelines(f"{r['text']}\t{r['label']}\n" for r in subset)
     return out
 

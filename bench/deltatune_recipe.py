@@ -12,7 +12,7 @@ def main() -> None:
     files = prepare()
     h = HPARAMS
     cfg = config.load(None, [
-        f"model.name={h['model']}", f"data.train={files['train']}", "data.validation=null",
+        f"model.name={h['model']}", f"data.train={files['train']}", "data.validation=null", "data.text=sentence",
         f"data.max_length={h['max_length']}", f"train.epochs={h['epochs']}", f"train.batch_size={h['batch_size']}",
         f"train.lr={h['lr']}", f"train.warmup={h['warmup']}", f"train.weight_decay={h['weight_decay']}",
         f"train.max_grad_norm={h['max_grad_norm']}", f"train.seed={h['seed']}", "train.precision=auto",

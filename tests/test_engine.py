@@ -116,3 +116,38 @@ def test_precision_auto_is_explained_and_fp16_on_cpu_refused():
     assert (p.name == "bf16") == precision.cpu_supports_bf16()
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         precision.resolve("fp16", torch.device("cpu"))
+
+
+def test_row_buffered_embedding_gradient_equals_autograd():
+    """Two steps of accumulation with padding: the buffer holds exactly autograd's dense gradient."""
+    from deltatune.engine.embedding_grad import row_buffered
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 8, padding_idx=0)
+            self.out = torch.nn.Linear(8, 2)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, ids):
+            return self.out(self.emb(ids).tanh()).sum()
+
+    torch.manual_seed(0)
+    ref, buf = Tiny(), Tiny()
+    buf.load_state_dict(ref.state_dict())
+    steps = [[torch.tensor([[1, 2, 0], [3, 3, 0]]), torch.tensor([[4, 1, 5]])], [torch.tensor([[7, 8, 0]])]]
+    with row_buffered(buf, world=1) as used:
+        assert used
+        for micro in steps:
+            for ids in micro:
+                ref(ids).backward()
+                buf(ids).backward()
+            assert torch.equal(ref.emb.weight.grad, buf.emb.weight.grad)
+            assert ref.emb.weight.grad[0].abs().sum() == 0  # padding row gets no gradient
+            ref.zero_grad(set_to_none=True)
+            buf.zero_grad(set_to_none=True)
+    assert buf.emb.weight.grad is None
+    with row_buffered(buf, world=2) as used:
+        assert not used  # DDP must see autograd's gradient

@@ -59,8 +59,9 @@ def train(cfg: RunConfig) -> dict:
             (run_dir / "labels.json").write_text(json.dumps(bundle.labels, indent=1), encoding="utf-8")
         # Seed again so the new head's initialisation does not depend on how much data work ran.
         loop.seed_everything(cfg.train.seed)
+        attention = models.attention_for(cfg.model.attention, dist.device)
         model = models.load_classifier(cfg.model.name, bundle.labels, tokenizer, cfg.model.revision,
-                                       cfg.model.trust_remote_code)
+                                       cfg.model.trust_remote_code, attention)
         model = methods.apply(model, cfg.method)
         setup_s = time.perf_counter() - t0
         result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist)

@@ -24,6 +24,8 @@ class ModelSection(Section):
     name: str = Field("minilm-l6", description="built-in name, Hugging Face id, or local directory")
     revision: str | None = None
     trust_remote_code: bool = False
+    attention: Literal["auto", "eager", "sdpa"] = Field(
+        "auto", description="attention kernel; auto = eager on CPU (its backward measured ~25% faster), sdpa on GPU")
 
 
 class MethodSection(Section):

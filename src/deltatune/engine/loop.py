@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from deltatune.config import RunConfig
 from deltatune.data import DataBundle, Split
 from deltatune.data.batching import collate, eval_batches, length_grouped_batches, shard
-from deltatune.engine import checkpoint, optim, precision
+from deltatune.engine import checkpoint, embedding_grad, optim, precision
 from deltatune.engine.distributed import Dist
 from deltatune.engine.report import RunLog
 from deltatune.evaluation import metrics
@@ -87,13 +87,14 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     best: float | None = None
     best_step, best_metrics, bad_evals, stopped_early = 0, {}, 0, False
     step, tokens_done, compute_s = 0, 0, 0.0
-    window_loss, window_items, window_tokens, window_t = 0.0, 0.0, 0, time.perf_counter()
+    window_loss, window_items, window_tokens, window_norm, window_t = 0.0, 0.0, 0, 0.0, time.perf_counter()
     history: list[dict] = []
     wall_start = time.perf_counter()
 
-    with RunLog(run_dir, dist.is_main, total_steps) as log:
+    with RunLog(run_dir, dist.is_main, total_steps) as log, embedding_grad.row_buffered(model, dist.world) as rows:
         log.print(f"[dim]precision {prec.name} ({prec.reason}); {trainable:,} of {total:,} parameters train; "
-                  f"{total_steps} steps of {global_batch} examples; heap kept mapped: {heap_tuned}")
+                  f"{total_steps} steps of {global_batch} examples; heap kept mapped: {heap_tuned}; "
+                  f"embedding gradient row-buffered: {rows}")
         while step < total_steps and not stopped_early:
             epoch = step // steps_per_epoch
             batches = length_grouped_batches(lengths, global_batch, tc.seed, epoch)
@@ -120,8 +121,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     window_tokens += int(batch["attention_mask"].sum())
                 if scaler:
                     scaler.unscale_(optimizer)
-                if tc.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                grad_norm = clip_gradients(optimizer, tc.max_grad_norm, fold=scaler is None)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -132,14 +132,16 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                 step += 1
                 compute_s += time.perf_counter() - t0
                 window_loss += float(step_loss)
+                window_norm = max(window_norm, float(grad_norm))
                 window_items += n_items / dist.world
 
                 if step % tc.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_t
                     rate = dist.all_sum(window_tokens) / max(elapsed, 1e-9)
                     log.step(step, loss=window_loss / max(window_items, 1), lr=scheduler.get_last_lr()[0],
-                             epoch=round(step / steps_per_epoch, 3), tokens_per_s=round(rate, 1))
-                    window_loss, window_items, window_tokens = 0.0, 0.0, 0
+                             epoch=round(step / steps_per_epoch, 3), tokens_per_s=round(rate, 1),
+                             max_grad_norm=round(window_norm, 4))
+                    window_loss, window_items, window_tokens, window_norm = 0.0, 0.0, 0, 0.0
                     window_t = time.perf_counter()
                 else:
                     log.step(step)
@@ -179,7 +181,26 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         "trainable_params": trainable, "total_params": total, "peak_rss_mb": round(peak_rss_mb(), 1),
         "best_step": best_step, "best_metric": cfg.eval.metric, "best_metrics": best_metrics,
         "stopped_early": stopped_early, "evals": history, "world_size": dist.world, "heap_kept_mapped": heap_tuned,
+        "embedding_rows_buffered": rows, "attention": getattr(model.config, "_attn_implementation", None),
     }
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fold: bool) -> torch.Tensor:
+    """Total gradient norm, clipped to `max_norm`.
+
+    With fused AdamW the clip factor is folded into the optimizer's `grad_scale` (its kernel divides
+    each gradient by it while updating), saving a read-modify-write pass over every gradient.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not max_norm:
+        return norm
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if fold and optimizer.defaults.get("fused"):
+        optimizer.grad_scale = (1.0 / coef).to(torch.float32)  # type: ignore[attr-defined]
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 @torch.no_grad()

@@ -22,8 +22,18 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     return tok
 
 
+def attention_for(requested: str, device: torch.device) -> str:
+    """`auto`: on CPU, PyTorch's SDPA backward (flash-attention for CPU) took ~10 ms per layer per
+    step for MiniLM at batch 16, making whole steps 20-30% slower than eager attention; on GPUs
+    SDPA is the fast path."""
+    if requested != "auto":
+        return requested
+    return "eager" if device.type == "cpu" else "sdpa"
+
+
 def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
-                    revision: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+                    revision: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa"
+                    ) -> torch.nn.Module:
     """A sequence classifier whose head knows the label names and ids."""
     source = resolve(name)
     id2label = dict(enumerate(labels))
@@ -31,6 +41,7 @@ def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizer
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()},
             revision=revision, trust_remote_code=trust_remote_code, dtype=torch.float32,
+            attn_implementation=attention,
         )
     except OSError as e:
         raise ConfigError(_not_found(name, e)) from None
