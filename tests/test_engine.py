@@ -102,7 +102,7 @@ def test_no_decay_groups():
     from deltatune.engine.optim import param_groups
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
-    groups = param_groups(model, TrainSection().weight_decay)
+    groups = param_groups(model, TrainSection().weight_decay, 1e-3)
     assert [len(g["params"]) for g in groups] == [1, 3]
     assert groups[1]["weight_decay"] == 0.0
 

@@ -21,7 +21,7 @@ from deltatune.config import RunConfig
 from deltatune.data import sources
 from deltatune.data.batching import collate, eval_batches
 from deltatune.data.build import tokenize_split
-from deltatune.engine import distributed, loop, precision
+from deltatune.engine import checkpoint, distributed, loop, precision
 from deltatune.engine.report import console, summary_table
 from deltatune.errors import ConfigError, DeltatuneError
 
@@ -29,6 +29,10 @@ from deltatune.errors import ConfigError, DeltatuneError
 def preflight(cfg: RunConfig) -> None:
     """Refuse combinations that cannot work before any weight is loaded."""
     precision.resolve(cfg.train.precision, _default_device())
+    method = methods.REGISTRY[cfg.method.name]
+    if cfg.task not in method.tasks:
+        raise ConfigError(f"method.name={cfg.method.name} does not support task `{cfg.task}`: {method.why_not_task} "
+                          f"Fix: use one of the methods listed by `deltatune methods` for {cfg.task}.")
     out = Path(cfg.output.dir)
     if (out / "summary.json").exists() and not cfg.output.overwrite:
         raise ConfigError(f"output.dir: {out} already holds a finished run. Fix: choose another output.dir "
@@ -62,17 +66,31 @@ def train(cfg: RunConfig) -> dict:
         attention = models.attention_for(cfg.model.attention, dist.device)
         model = models.load_classifier(cfg.model.name, bundle.labels, tokenizer, cfg.model.revision,
                                        cfg.model.trust_remote_code, attention)
-        model = methods.apply(model, cfg.method)
+        model = methods.apply(model, cfg.method, cfg.task)
+        trainable, total = methods.count_parameters(model)
+        if dist.is_main:
+            console.print(f"[bold]{cfg.method.name}[/]: {trainable:,} of {total:,} parameters train "
+                          f"({100 * trainable / total:.3f}%)", highlight=False)
         setup_s = time.perf_counter() - t0
-        result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist)
+        lr_scale = getattr(methods.REGISTRY[cfg.method.name], "lr_scale", None)
+        result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist,
+                            lr_scale=(lambda name: lr_scale(cfg.method, name)) if lr_scale else None)
+        artifact = checkpoint.artifact_dir(run_dir, model)
         summary = {"run_dir": str(run_dir), "task": cfg.task, "model": cfg.model.name, "method": cfg.method.name,
-                   "labels": bundle.labels, "data": bundle.stats, "setup_seconds": round(setup_s, 2), **result}
+                   "labels": bundle.labels, "data": bundle.stats, "setup_seconds": round(setup_s, 2),
+                   "trainable_percent": round(100 * trainable / total, 4), "artifact": artifact.name,
+                   "artifact_mb": round(_weights_mb(artifact), 3), **result}
         if dist.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
             console.print(summary_table(summary))
         return summary
     finally:
         distributed.teardown(dist)
+
+
+def _weights_mb(path: Path) -> float:
+    """Size on disk of the saved weights (safetensors files), i.e. what a user ships per task."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20 if path.exists() else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,15 +108,26 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     path = Path(run_dir)
-    for needed in ("config.yaml", "model", "labels.json"):
-        if not (path / needed).exists():
+    for needed in ("config.yaml", "labels.json"):
+        if not (path / needed).exists() or not ((path / "model").exists() or (path / "adapter").exists()):
             raise DeltatuneError(f"{path}: not a finished deltatune run (missing {needed}). "
                                  f"Fix: pass the output.dir of a run that completed `deltatune train`.")
     cfg = config_mod.load(path / "config.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(path / "model")
-    model = AutoModelForSequenceClassification.from_pretrained(path / "model", dtype=torch.float32)
-    model.to(device or _default_device()).eval()
     labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
+    if (path / "adapter").exists():
+        # The base comes from where the run found it; the adapter (and the trained head) from the run.
+        from peft import PeftModel
+
+        tokenizer = AutoTokenizer.from_pretrained(path / "adapter")
+        # Seeded as in training, so even the untrained copy of the head peft keeps is reproduced.
+        loop.seed_everything(cfg.train.seed)
+        base = models.load_classifier(cfg.model.name, labels, tokenizer, cfg.model.revision,
+                                      cfg.model.trust_remote_code, "sdpa")
+        model = PeftModel.from_pretrained(base, path / "adapter")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path / "model")
+        model = AutoModelForSequenceClassification.from_pretrained(path / "model", dtype=torch.float32)
+    model.to(device or _default_device()).eval()
     return LoadedRun(path, cfg, model, tokenizer, labels)
 
 

@@ -107,6 +107,23 @@ def models() -> None:
     out.print(table)
 
 
+@app.command("methods")
+def methods_() -> None:
+    """List fine-tuning methods (use as method.name=NAME) and their options."""
+    from deltatune.methods import REGISTRY
+
+    table = Table(title="methods")
+    table.add_column("name", no_wrap=True)
+    for col in ("what trains", "saved as", "merge", "options"):
+        table.add_column(col)
+    for m in REGISTRY.values():
+        opts = ", ".join(f"{k}={v.default!r}" for k, v in m.Config.model_fields.items() if k != "name"
+                         and v.default is not None and not callable(v.default)) or "-"
+        merge = {True: "yes", False: "no", None: "n/a (full model)"}[m.mergeable]
+        table.add_row(m.name, m.description, m.saves, merge, opts)
+    out.print(table)
+
+
 @app.command()
 def datasets(
     prepare: Annotated[bool, typer.Option("--prepare", help="extract every built-in into the local cache now")]

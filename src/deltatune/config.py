@@ -10,14 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from deltatune.errors import ConfigError, did_you_mean
-
-
-class Section(BaseModel):
-    # extra="forbid" is what turns a typo into an error instead of a silently ignored key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+from deltatune.methods import REGISTRY, MethodConfig
+from deltatune.sections import Section
 
 
 class ModelSection(Section):
@@ -26,19 +23,6 @@ class ModelSection(Section):
     trust_remote_code: bool = False
     attention: Literal["auto", "eager", "sdpa"] = Field(
         "auto", description="attention kernel; auto = eager on CPU (its backward measured ~25% faster), sdpa on GPU")
-
-
-class MethodSection(Section):
-    name: str = Field("full", description="fine-tuning method; `deltatune methods` lists them")
-
-    @field_validator("name")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        from deltatune.methods import REGISTRY
-
-        if v not in REGISTRY:
-            raise ValueError(f"unknown method `{v}`{did_you_mean(v, REGISTRY)}")
-        return v
 
 
 class DataSection(Section):
@@ -99,7 +83,7 @@ class OutputSection(Section):
 class RunConfig(Section):
     task: Literal["classification"] = "classification"
     model: ModelSection = ModelSection()
-    method: MethodSection = MethodSection()
+    method: MethodConfig = Field(default_factory=lambda: REGISTRY["full"].Config())
     data: DataSection
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
@@ -139,7 +123,8 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_explain(e, origin, source)) from None
+        method = (raw.get("method") or {}).get("name", "full") if isinstance(raw.get("method"), dict) else None
+        raise ConfigError(_explain(e, origin, source, method)) from None
 
 
 def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
@@ -184,7 +169,9 @@ def _key_lines(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...],
     return out
 
 
-def _section_fields(path: tuple[str | int, ...]) -> list[str]:
+def _section_fields(path: tuple[str | int, ...], method: str | None = None) -> list[str]:
+    if path == ("method",):
+        return list(REGISTRY[method].Config.model_fields) if method in REGISTRY else ["name"]
     model: type[BaseModel] = RunConfig
     for part in path:
         field = model.model_fields.get(str(part))
@@ -195,18 +182,28 @@ def _section_fields(path: tuple[str | int, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(err: ValidationError, origin: dict[tuple[str, ...], str], source: str) -> str:
+def _explain(err: ValidationError, origin: dict[tuple[str, ...], str], source: str, method: str | None) -> str:
     problems = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int))
         # Pydantic appends the union branch / type name to the location: keep only real keys.
         loc = tuple(p for p in loc if not p.startswith(("literal[", "function-")) and p not in
                     {"str", "float", "int", "bool", "list[str]", "none"})
+        if len(loc) > 1 and loc[0] == "method" and loc[1] in REGISTRY:
+            loc = (loc[0], *loc[2:])  # pydantic names the method variant; users think `method.r`
         key = ".".join(loc) or "(top level)"
         where = origin.get(loc) or source
-        if e["type"] == "extra_forbidden":
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tag = (e.get("ctx") or {}).get("tag", "")
+            if not tag:
+                problems.append(f"{where}: `method.name` is missing: say which method the method keys are for "
+                                f"(e.g. method.name=lora)")
+                continue
+            problems.append(f"{origin.get((*loc, 'name')) or where}: unknown method `{tag}`"
+                            f"{did_you_mean(str(tag), REGISTRY)}; `deltatune methods` lists them")
+        elif e["type"] == "extra_forbidden":
             prefix = ".".join(loc[:-1]) + "." if len(loc) > 1 else ""
-            hint = did_you_mean(loc[-1], _section_fields(loc[:-1])).replace("`", "`" + prefix, 1)
+            hint = did_you_mean(loc[-1], _section_fields(loc[:-1], method)).replace("`", "`" + prefix, 1)
             problems.append(f"{where}: unknown key `{key}`{hint}")
         elif e["type"] == "missing":
             key = "data.train" if key == "data" else key

@@ -14,6 +14,19 @@ from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar()
 
 
+def artifact_dir(run_dir: Path, model: torch.nn.Module) -> Path:
+    """peft models save an adapter (peft's format); everything else a full transformers model."""
+    from peft import PeftModel
+
+    return run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
+
+
+def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+    target = artifact_dir(run_dir, model)
+    save_model(model, tokenizer, target)
+    return target
+
+
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

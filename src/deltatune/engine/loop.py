@@ -56,8 +56,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, run_dir: Path, dist: Dist
-          ) -> dict:
+def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, run_dir: Path, dist: Dist,
+          lr_scale=None) -> dict:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -65,7 +65,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     prec = precision.resolve(tc.precision, dist.device)
     model.to(dist.device)
     model.train()
-    optimizer = optim.build_optimizer(model, tc, dist.device)
+    optimizer = optim.build_optimizer(model, tc, dist.device, lr_scale)
     scaler = prec.scaler()
 
     train_set = data.train.dataset
@@ -156,7 +156,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     if metrics.improved(cfg.eval.metric, value, best):
                         best, best_step, best_metrics, bad_evals = value, step, result, 0
                         if dist.is_main:
-                            checkpoint.save_model(model, tokenizer, run_dir / "model")
+                            checkpoint.save(model, tokenizer, run_dir)
                     else:
                         bad_evals += 1
                     log.print(f"step {step}: " + "  ".join(f"{k} {result[k]:.4f}" for k in
@@ -170,7 +170,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     break
 
     if data.validation is None and dist.is_main:
-        checkpoint.save_model(model, tokenizer, run_dir / "model")
+        checkpoint.save(model, tokenizer, run_dir)
     dist.barrier()
     return {
         "precision": prec.name, "precision_reason": prec.reason, "steps": step,

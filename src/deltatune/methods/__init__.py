@@ -1,24 +1,69 @@
-"""Fine-tuning methods. Each is a small module: what it trains, and whether it can merge.
+"""Fine-tuning methods. Each family is a small module: its config section(s), `apply`, and whether
+the result can be merged into the base model.
 
-REGISTRY maps `method.name` to the module's `apply(model, section) -> model`, which leaves exactly
-the parameters the method trains with requires_grad=True.
+`apply(model, cfg, task)` returns the model to train, with exactly the parameters the method
+trains left with requires_grad=True. peft-backed methods return a peft `PeftModel` and are saved
+in peft's adapter format; the others save a full model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
-import torch
+from pydantic import Field
 
-from deltatune.methods import full
+from deltatune.methods import full, lora, partial, peft_methods
 
-REGISTRY: dict[str, Callable[[torch.nn.Module, object], torch.nn.Module]] = {
-    "full": full.apply,
-}
+if TYPE_CHECKING:
+    import torch
 
 
-def apply(model: torch.nn.Module, section: object) -> torch.nn.Module:
-    return REGISTRY[section.name](model, section)  # type: ignore[attr-defined]
+@dataclass(frozen=True)
+class Method:
+    name: str
+    Config: type
+    apply: Any
+    saves: str  # "model" (a full transformers model) or "adapter" (peft format)
+    mergeable: bool | None  # None: nothing to merge (the result already is a plain model)
+    why_not_mergeable: str = ""
+    description: str = ""
+    tasks: tuple[str, ...] = ("classification", "causal_lm", "sft")
+    why_not_task: str = ""
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in [
+    Method("full", full.Config, full.apply, "model", None, description="every weight trains"),
+    Method("freeze", partial.FreezeConfig, partial.apply_freeze, "model", None,
+           description="only the top N layers and/or parameters matching patterns train"),
+    Method("bitfit", partial.BitFitConfig, partial.apply_bitfit, "model", None,
+           description="only bias terms (and the task head) train"),
+    Method("lora", lora.Config, lora.apply, "adapter", True,
+           description="low-rank update W + BA/r; variants dora, rslora; init default/gaussian/pissa; LoRA+"),
+    Method("ia3", peft_methods.IA3Config, peft_methods.apply_ia3, "adapter", True,
+           description="learned rescaling of keys, values and feed-forward activations"),
+    Method("ln_tuning", peft_methods.LNTuningConfig, peft_methods.apply_ln_tuning, "adapter", False,
+           "LayerNorm tuning replaces the norm weights; peft cannot merge it back", "only LayerNorm weights train"),
+    Method("prompt_tuning", peft_methods.PromptTuningConfig, peft_methods.apply_prompt_tuning, "adapter", False,
+           "soft prompts add virtual tokens to every input: there is no weight to merge them into",
+           "trainable virtual tokens prepended to the input"),
+    Method("p_tuning", peft_methods.PTuningConfig, peft_methods.apply_p_tuning, "adapter", False,
+           "soft prompts add virtual tokens to every input: there is no weight to merge them into",
+           "virtual tokens produced by a small prompt encoder (MLP or LSTM)"),
+    Method("prefix_tuning", peft_methods.PrefixTuningConfig, peft_methods.apply_prefix_tuning, "adapter", False,
+           "prefixes add key/value positions to every layer: there is no weight to merge them into",
+           "trainable key/value prefixes in every layer, reparameterised by an MLP (P-tuning v2 style)",
+           tasks=("causal_lm", "sft"),
+           why_not_task="peft hands prefixes over as `past_key_values`, which transformers-5 sequence classifiers "
+                        "do not take (use prompt_tuning or p_tuning for classification)."),
+]}
+
+# The `method:` section: pydantic picks the variant by `name`.
+MethodConfig = Annotated[Union[tuple(m.Config for m in REGISTRY.values())], Field(discriminator="name")]  # noqa: UP007
+
+
+def apply(model: torch.nn.Module, cfg: Any, task: str) -> torch.nn.Module:
+    return REGISTRY[cfg.name].apply(model, cfg, task)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from deltatune.errors import ConfigError
 from deltatune.models.catalogue import resolve
@@ -37,6 +38,10 @@ def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizer
     """A sequence classifier whose head knows the label names and ids."""
     source = resolve(name)
     id2label = dict(enumerate(labels))
+    # transformers reports the new head as MISSING weights; the head is new by design, and deltatune
+    # says so itself, so only errors get through while loading.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()},
@@ -45,6 +50,8 @@ def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizer
         )
     except OSError as e:
         raise ConfigError(_not_found(name, e)) from None
+    finally:
+        hf_logging.set_verbosity(previous)
     if model.config.pad_token_id is None:
         # Decoder classifiers pick the last non-pad token, so they must know the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id

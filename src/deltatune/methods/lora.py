@@ -1,0 +1,48 @@
+"""LoRA and its variants through peft: W x + (alpha/r) B A x, with only A and B training.
+
+variant: `lora` (Hu et al. 2021), `dora` (weight-decomposed), `rslora` (alpha/sqrt(r) scaling).
+init: `default` (B = 0), `gaussian`, `pissa` (principal singular vectors of W).
+loraplus_lr_ratio: LoRA+ trains B with a learning rate this many times A's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from deltatune.methods.common import block_linears, peft_task_type
+from deltatune.sections import Section
+
+
+class Config(Section):
+    name: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto", description="auto: every attention and MLP projection in the transformer blocks")
+    variant: Literal["lora", "dora", "rslora"] = "lora"
+    init: Literal["default", "gaussian", "pissa"] = "default"
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: lr of B = lr x this")
+
+
+def targets(model: torch.nn.Module, target_modules: str | list[str]) -> str | list[str]:
+    return block_linears(model) if target_modules == "auto" else target_modules
+
+
+def apply(model: torch.nn.Module, cfg: Config, task: str) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    peft_cfg = LoraConfig(
+        task_type=peft_task_type(task), r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=targets(model, cfg.target_modules), use_dora=cfg.variant == "dora",
+        use_rslora=cfg.variant == "rslora", init_lora_weights={"default": True}.get(cfg.init, cfg.init),
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def lr_scale(cfg: Config, param_name: str) -> float:
+    """LoRA+: the B matrices learn `loraplus_lr_ratio` times faster than A."""
+    return cfg.loraplus_lr_ratio if cfg.loraplus_lr_ratio and "lora_B" in param_name else 1.0

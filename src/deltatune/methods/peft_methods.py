@@ -1,0 +1,99 @@
+"""The other peft-backed methods: IA3, LayerNorm tuning, and the soft-prompt family.
+
+Each is a config section mapped one to one onto peft's own config; peft does the work.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from deltatune.errors import ConfigError
+from deltatune.methods.common import norm_layers, peft_task_type
+from deltatune.sections import Section
+
+
+class IA3Config(Section):
+    name: Literal["ia3"] = "ia3"
+    target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture")
+    feedforward_modules: list[str] | None = None
+
+
+class LNTuningConfig(Section):
+    name: Literal["ln_tuning"] = "ln_tuning"
+    target_modules: list[str] | None = Field(None, description="default: every normalization layer")
+
+
+class PromptTuningConfig(Section):
+    name: Literal["prompt_tuning"] = "prompt_tuning"
+    num_virtual_tokens: int = Field(20, ge=1)
+    init_text: str | None = Field(None, description="initialise the virtual tokens from this text's embeddings")
+
+
+class PTuningConfig(Section):
+    name: Literal["p_tuning"] = "p_tuning"
+    num_virtual_tokens: int = Field(20, ge=1)
+    encoder: Literal["MLP", "LSTM"] = "MLP"
+    encoder_hidden_size: int = Field(128, ge=1)
+
+
+class PrefixTuningConfig(Section):
+    name: Literal["prefix_tuning"] = "prefix_tuning"
+    num_virtual_tokens: int = Field(20, ge=1)
+    projection: bool = Field(True, description="reparameterise prefixes through an MLP (P-tuning v2 style)")
+    encoder_hidden_size: int = Field(128, ge=1)
+
+
+def _wrap(model: torch.nn.Module, peft_cfg) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_cfg)
+
+
+def apply_ia3(model, cfg: IA3Config, task: str):
+    from peft import IA3Config as PeftIA3
+
+    return _wrap(model, PeftIA3(task_type=peft_task_type(task), target_modules=cfg.target_modules,
+                                feedforward_modules=cfg.feedforward_modules))
+
+
+def apply_ln_tuning(model, cfg: LNTuningConfig, task: str):
+    from peft import LNTuningConfig as PeftLN
+
+    targets = cfg.target_modules or norm_layers(model)
+    return _wrap(model, PeftLN(task_type=peft_task_type(task), target_modules=targets))
+
+
+def apply_prompt_tuning(model, cfg: PromptTuningConfig, task: str):
+    from peft import PromptTuningConfig as PeftPT
+    from peft import PromptTuningInit
+
+    kw = {}
+    if cfg.init_text:
+        kw = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": cfg.init_text,
+              "tokenizer_name_or_path": model.name_or_path}
+    return _wrap(model, PeftPT(task_type=peft_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens, **kw))
+
+
+def apply_p_tuning(model, cfg: PTuningConfig, task: str):
+    from peft import PromptEncoderConfig
+
+    return _wrap(model, PromptEncoderConfig(task_type=peft_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
+                                            encoder_reparameterization_type=cfg.encoder,
+                                            encoder_hidden_size=cfg.encoder_hidden_size))
+
+
+def apply_prefix_tuning(model, cfg: PrefixTuningConfig, task: str):
+    from peft import PrefixTuningConfig as PeftPrefix
+
+    if task == "classification":
+        # peft hands prefixes over as `past_key_values`; transformers-5 encoders dropped them and its
+        # sequence-classification wrappers for decoders only take `cache`, so peft refuses both.
+        raise ConfigError(
+            "method prefix_tuning: peft's prefix tuning cannot drive transformers-5 sequence classifiers "
+            f"(`{model.config.model_type}`: no `past_key_values` argument). Fix: use method.name=prompt_tuning or "
+            "p_tuning for classification; prefix tuning works for causal language modelling.")
+    return _wrap(model, PeftPrefix(task_type=peft_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
+                                   prefix_projection=cfg.projection, encoder_hidden_size=cfg.encoder_hidden_size))
