@@ -65,31 +65,82 @@ def eval_(
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
-    texts: Annotated[list[str] | None, typer.Argument(help="texts to classify")] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="RUN_DIR then texts (or only texts with --run)")] = None,
+    runs: Annotated[list[Path] | None, typer.Option("--run", help="adapter runs sharing one base; repeatable")]
+    = None,
     file: Annotated[Path | None, typer.Option("--file", help="one text per line ('-' for stdin)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
 ) -> None:
-    """Classify texts with a saved run."""
+    """Classify texts with a saved run, or with several adapter runs over one base (--run A --run B)."""
     from deltatune import api
 
-    items = list(texts or [])
+    items = list(args or [])
+    if not runs:
+        if not items:
+            raise DeltatuneError("predict: give RUN_DIR and texts, or --run RUN_DIR ... and texts")
+        runs = [Path(items.pop(0))]
     if file is not None:
         lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text(encoding="utf-8").splitlines()
         items += [line for line in lines if line.strip()]
     if not items:
         raise DeltatuneError("predict: give texts as arguments or --file FILE")
-    results = api.predict(run_dir, items)
+    if len(runs) == 1:
+        results = [{"run": str(runs[0]), **r} for r in api.predict(runs[0], items)]
+    else:
+        from deltatune.inference import MultiAdapter
+
+        served = MultiAdapter(runs)  # the base model is loaded once for all runs
+        results = [r for run in runs for r in served.predict(items, run)]
     if as_json:
         for r in results:
             print(json.dumps(r, ensure_ascii=False))
         return
-    table = Table(title=f"predictions of {run_dir}")
-    table.add_column("text", overflow="fold")
-    table.add_column("label")
-    table.add_column("score", justify="right")
+    table = Table(title="predictions")
+    for col in (["run"] if len(runs) > 1 else []) + ["text", "label", "score"]:
+        table.add_column(col, overflow="fold", justify="right" if col == "score" else "left")
     for r in results:
-        table.add_row(r["text"], r["label"], f"{r['score']:.3f}")
+        table.add_row(*([r["run"]] if len(runs) > 1 else []), r["text"], r["label"], f"{r['score']:.3f}")
+    out.print(table)
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="a finished adapter run (lora, ia3, ...)")],
+    out_dir: Annotated[Path, typer.Argument(help="where to write the merged Hugging Face model")],
+    tolerance: Annotated[float, typer.Option(help="largest allowed |merged - unmerged| output difference")] = 1e-4,
+) -> None:
+    """Merge a run's adapter into its base model, verified on sample inputs; writes a plain HF model."""
+    from deltatune.export.merge import merge as do_merge
+
+    report = do_merge(run_dir, out_dir, tolerance)
+    out.print(f"merged {report['method']} adapter into {out_dir}: max |merged - unmerged| = "
+              f"{report['max_abs_diff']:.3g} over {report['samples']} samples (tolerance {tolerance:g})")
+
+
+@app.command()
+def params(
+    config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value ...")] = None,
+) -> None:
+    """Count parameters of CONFIG's model and method from the model config alone (no weights loaded)."""
+    from deltatune import config as config_mod
+    from deltatune.plan.params import count
+
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides, config = [str(config), *(overrides or [])], None
+    overrides = list(overrides or [])
+    if not any(o.startswith("data.train=") for o in overrides):
+        overrides.append("data.train=unused")  # counting needs no data
+    result = count(config_mod.load(config, overrides))
+    table = Table(title=f"{result['method']} on {result['model']} (meta device: no weights loaded)")
+    table.add_column("")
+    table.add_column("parameters", justify="right")
+    for key, label in (("base_params", "base model"), ("trainable_params", "trainable"),
+                       ("method_params", "method (excluding head)"), ("head_params", f"task head "
+                       f"({result['num_labels']} labels)"), ("added_params", "added by the method")):
+        table.add_row(label, f"{result[key]:,}")
+    table.add_row("trainable %", f"{result['trainable_percent']:.4f}")
+    table.add_row("artifact (fp32)", f"{result['artifact_mb']:,.2f} MB")
     out.print(table)
 
 

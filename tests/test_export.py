@@ -1,0 +1,113 @@
+"""Merge with verification, many adapters over one base, and parameter counts without weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from deltatune import api, config
+from deltatune.errors import DeltatuneError
+
+
+def train(make_config, tmp_path, name, **kw):
+    cfg = make_config(**{"output.dir": str(tmp_path / name), "train.max_steps": 8, "train.lr": 1e-2,
+                         "eval.every": 100, **kw})
+    api.train(cfg)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("method", [{"method.name": "lora", "method.r": 4},
+                                    {"method.name": "lora", "method.variant": "dora"},
+                                    {"method.name": "lora", "method.variant": "rslora", "method.init": "gaussian"},
+                                    {"method.name": "ia3"}], ids=["lora", "dora", "rslora", "ia3"])
+def test_merge_equals_unmerged_and_loads_in_plain_transformers(make_config, tmp_path, method):
+    run = train(make_config, tmp_path, "run", **method)
+    from deltatune.export.merge import merge
+
+    report = merge(run, tmp_path / "merged")
+    assert report["max_abs_diff"] < 1e-4 and report["samples"] > 0
+    # Trained adapters are non-trivial: the merged model is not the base model.
+    loaded = api.load_run(run, device="cpu")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    enc = tok(["a good film", "dull and boring plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        b = plain(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        base = loaded.model.get_base_model()
+        with loaded.model.disable_adapter():
+            c = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, c, atol=1e-3)
+    assert "lora_" not in json.dumps(list(plain.state_dict()))
+
+
+def test_merge_refused_for_soft_prompts_and_full(make_config, tmp_path):
+    from deltatune.export.merge import merge
+
+    run = train(make_config, tmp_path, "pt", **{"method.name": "prompt_tuning", "method.num_virtual_tokens": 4})
+    with pytest.raises(DeltatuneError, match="cannot be merged: soft prompts add virtual tokens"):
+        merge(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    run = train(make_config, tmp_path, "full", **{"method.name": "full"})
+    with pytest.raises(DeltatuneError, match="nothing to merge"):
+        merge(run, tmp_path / "out")
+
+
+def test_many_adapters_over_one_base_and_mixed_batches(make_config, tmp_path, toy_data):
+    from deltatune.inference import MultiAdapter
+
+    a = train(make_config, tmp_path, "a", **{"method.name": "lora", "method.r": 4, "train.seed": 1})
+    b = train(make_config, tmp_path, "b", **{"method.name": "lora", "method.r": 8, "train.seed": 2,
+                                             "train.lr": 3e-2})
+    served = MultiAdapter([a, b])
+    texts = ["a good film", "the plot was dull", "superb warm story", "awful boring script"]
+    alone = {r: served.predict(texts, r) for r in (a, b)}
+    # Each adapter answers as its own run does when loaded by itself.
+    for r in (a, b):
+        own = api.predict(r, texts)
+        assert [x["score"] for x in alone[r]] == pytest.approx([x["score"] for x in own], abs=1e-5)
+    assert [x["score"] for x in alone[a]] != pytest.approx([x["score"] for x in alone[b]], abs=1e-3)
+    # A mixed batch (rows for different adapters) equals running each adapter alone.
+    runs = [a, b, b, a]
+    mixed = served.predict_mixed(texts, runs)
+    for i, (row, r) in enumerate(zip(mixed, runs)):
+        assert row["score"] == pytest.approx(alone[r][i]["score"], abs=1e-5)
+
+
+def test_multi_adapter_refuses_non_adapter_runs(make_config, tmp_path):
+    from deltatune.inference import MultiAdapter
+
+    full = train(make_config, tmp_path, "full", **{"method.name": "full"})
+    with pytest.raises(DeltatuneError, match="not an adapter run"):
+        MultiAdapter([full])
+
+
+def test_params_counts_roberta_base_lora_without_weights(tmp_path):
+    """LoRA paper, Table 2: RoBERTa-base with r=8 on query and value trains 0.3M parameters."""
+    from transformers import RobertaConfig
+
+    from deltatune.plan.params import count
+
+    RobertaConfig().save_pretrained(tmp_path)  # a config.json only: there are no weights to load
+    cfg = config.load(None, [f"model.name={tmp_path}", "data.train=unused", "method.name=lora", "method.r=8",
+                             "method.target_modules=[query,value]"])
+    result = count(cfg)
+    assert result["method_params"] == 294_912 == result["added_params"]
+    assert result["base_params"] == 124_646_402  # roberta-base body + its 2-label classification head
+
+
+def test_params_cli_prints_the_table(tmp_path):
+    from transformers import RobertaConfig
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    RobertaConfig().save_pretrained(tmp_path)
+    r = CliRunner().invoke(app, ["params", f"model.name={tmp_path}", "method.name=lora",
+                                 "method.target_modules=[query,value]"])
+    assert r.exit_code == 0, r.output
+    assert "294,912" in r.output
