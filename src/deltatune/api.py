@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from deltatune import config as config_mod
 from deltatune import data as data_mod
@@ -29,6 +34,11 @@ from deltatune.errors import ConfigError, DeltatuneError
 def preflight(cfg: RunConfig) -> None:
     """Refuse combinations that cannot work before any weight is loaded."""
     precision.resolve(cfg.train.precision, _default_device())
+    from deltatune.evaluation.metrics import TASK_METRICS
+
+    if cfg.metric not in TASK_METRICS[cfg.task]:
+        raise ConfigError(f"eval.metric={cfg.metric} does not exist for task `{cfg.task}`. "
+                          f"Fix: use one of {', '.join(TASK_METRICS[cfg.task])}.")
     method = methods.REGISTRY[cfg.method.name]
     if cfg.task not in method.tasks:
         raise ConfigError(f"method.name={cfg.method.name} does not support task `{cfg.task}`: {method.why_not_task} "
@@ -58,14 +68,14 @@ def train(cfg: RunConfig) -> dict:
         t0 = time.perf_counter()
         loop.seed_everything(cfg.train.seed)
         tokenizer = models.load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
-        bundle = data_mod.build(cfg.data, tokenizer)
+        bundle = data_mod.build(cfg.data, tokenizer, task=cfg.task)
         if dist.is_main:
             (run_dir / "labels.json").write_text(json.dumps(bundle.labels, indent=1), encoding="utf-8")
         # Seed again so the new head's initialisation does not depend on how much data work ran.
         loop.seed_everything(cfg.train.seed)
         attention = models.attention_for(cfg.model.attention, dist.device)
-        model = models.load_classifier(cfg.model.name, bundle.labels, tokenizer, cfg.model.revision,
-                                       cfg.model.trust_remote_code, attention)
+        model = models.load_model(cfg.task, cfg.model.name, bundle.labels, tokenizer, cfg.model.revision,
+                                  cfg.model.trust_remote_code, attention)
         model = methods.apply(model, cfg.method, cfg.task)
         trainable, total = methods.count_parameters(model)
         if dist.is_main:
@@ -121,12 +131,18 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
         tokenizer = AutoTokenizer.from_pretrained(path / "adapter")
         # Seeded as in training, so even the untrained copy of the head peft keeps is reproduced.
         loop.seed_everything(cfg.train.seed)
-        base = models.load_classifier(cfg.model.name, labels, tokenizer, cfg.model.revision,
-                                      cfg.model.trust_remote_code, "sdpa")
-        model = PeftModel.from_pretrained(base, path / "adapter")
+        base = models.load_model(cfg.task, cfg.model.name, labels, tokenizer, cfg.model.revision,
+                                 cfg.model.trust_remote_code, "sdpa")
+        from deltatune.methods import adapter as bottleneck
+
+        if bottleneck.is_saved_adapter(path / "adapter"):  # deltatune's own format; peft cannot read it
+            model = bottleneck.from_pretrained(base, path / "adapter")
+        else:
+            model = PeftModel.from_pretrained(base, path / "adapter")
     else:
         tokenizer = AutoTokenizer.from_pretrained(path / "model")
-        model = AutoModelForSequenceClassification.from_pretrained(path / "model", dtype=torch.float32)
+        auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+        model = auto.from_pretrained(path / "model", dtype=torch.float32)
     model.to(device or _default_device()).eval()
     return LoadedRun(path, cfg, model, tokenizer, labels)
 
@@ -137,18 +153,20 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     section = run.config.data.model_copy()
     if data_file is not None:
         raw = sources.read(data_file, section.columns)
+        label = section.label if run.config.task == "classification" else None
         sources.require_columns(raw, {"data.text": section.text, "data.text_pair": section.text_pair,
-                                               "data.label": section.label}, data_file)
-        split = tokenize_split("eval", raw, section, run.tokenizer, run.labels, data_file)
+                                      "data.label": label}, data_file)
+        split = tokenize_split("eval", raw, section, run.tokenizer, run.labels, data_file,
+                               with_labels=run.config.task == "classification")
     else:
-        bundle = data_mod.build(section, run.tokenizer, labels=run.labels)
+        bundle = data_mod.build(section, run.tokenizer, labels=run.labels, task=run.config.task)
         if bundle.validation is None:
             raise ConfigError(f"{run.path}: the run had no validation data. Fix: pass --data FILE.")
         split = bundle.validation
     prec = precision.resolve(run.config.train.precision, next(run.model.parameters()).device)
     device = next(run.model.parameters()).device
     result = loop.evaluate(run.model, split, len(run.labels), prec, device, run.tokenizer.pad_token_id,
-                           run.config.eval.batch_size)
+                           run.config.eval.batch_size, lm=run.config.task != "classification")
     result["rows"] = split.rows
     result["truncated"] = split.truncated
     return result

@@ -63,7 +63,8 @@ class TrainSection(Section):
 
 class EvalSection(Section):
     every: Literal["epoch"] | int = Field("epoch", description="`epoch` or a number of optimizer steps")
-    metric: Literal["accuracy", "f1", "precision", "recall", "loss"] = "accuracy"
+    metric: Literal["auto", "accuracy", "f1", "precision", "recall", "loss", "perplexity"] = Field(
+        "auto", description="picks the best checkpoint; auto = accuracy (classification) or loss (causal_lm)")
     patience: int | None = Field(None, ge=1, description="stop after this many evals without improvement")
     batch_size: int = Field(64, ge=1)
 
@@ -81,13 +82,20 @@ class OutputSection(Section):
 
 
 class RunConfig(Section):
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "causal_lm"] = "classification"
     model: ModelSection = ModelSection()
     method: MethodConfig = Field(default_factory=lambda: REGISTRY["full"].Config())
     data: DataSection
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     output: OutputSection = OutputSection()
+
+    @property
+    def metric(self) -> str:
+        """eval.metric with `auto` resolved for the task."""
+        if self.eval.metric != "auto":
+            return self.eval.metric
+        return "accuracy" if self.task == "classification" else "loss"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

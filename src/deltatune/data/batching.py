@@ -48,8 +48,12 @@ def eval_batches(lengths: list[int] | np.ndarray, batch_size: int) -> list[list[
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
-def collate(rows: dict[str, list], pad_id: int, pad_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad a batch of token-id lists to its own longest row; labels pass through."""
+def collate(rows: dict[str, list], pad_id: int, pad_side: str = "right", lm: bool = False
+            ) -> dict[str, torch.Tensor]:
+    """Pad a batch of token-id lists to its own longest row; labels pass through.
+
+    lm=True: the targets are the tokens themselves, with padding marked -100 (ignored by the loss).
+    """
     ids = rows["input_ids"]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
@@ -59,6 +63,8 @@ def collate(rows: dict[str, list], pad_id: int, pad_side: str = "right") -> dict
         input_ids[i, sl] = torch.tensor(x, dtype=torch.long)
         mask[i, sl] = 1
     out = {"input_ids": input_ids, "attention_mask": mask}
-    if "labels" in rows:
+    if lm:
+        out["labels"] = input_ids.masked_fill(mask == 0, -100)
+    elif "labels" in rows:
         out["labels"] = torch.tensor(rows["labels"], dtype=torch.long)
     return out

@@ -32,21 +32,26 @@ class DataBundle:
     stats: dict = field(default_factory=dict)
 
 
-def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None
-          ) -> DataBundle:
-    """Read, validate, split, and tokenize. `labels` fixes the label set (e.g. from a saved run)."""
-    train_raw, train_where = _read(section, section.train)
+def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None,
+          task: str = "classification") -> DataBundle:
+    """Read, validate, split, and tokenize. `labels` fixes the label set (e.g. from a saved run).
+
+    classification: rows -> (input_ids, label id). causal_lm: rows -> input_ids ending in EOS, every
+    token a target (the model learns to stop).
+    """
+    lm = task != "classification"
+    train_raw, train_where = _read(section, section.train, lm)
     val_raw, val_where = None, None
     if isinstance(section.validation, str):
-        val_raw, val_where = _read(section, section.validation)
+        val_raw, val_where = _read(section, section.validation, lm)
     elif isinstance(section.validation, float):
         parts = train_raw.train_test_split(test_size=section.validation, seed=section.seed)
         train_raw, val_raw = parts["train"], parts["test"]
         val_where = f"{train_where} ({section.validation:.0%} held out, seed {section.seed})"
 
-    labels = labels or section.labels or _label_set(train_raw, section.label)
-    train = tokenize_split("train", train_raw, section, tokenizer, labels, train_where)
-    val = tokenize_split("validation", val_raw, section, tokenizer, labels, val_where) if val_raw else None
+    labels = [] if lm else labels or section.labels or _label_set(train_raw, section.label)
+    train = tokenize_split("train", train_raw, section, tokenizer, labels, train_where, not lm)
+    val = tokenize_split("validation", val_raw, section, tokenizer, labels, val_where, not lm) if val_raw else None
     stats = {
         "train_rows": train.rows, "validation_rows": val.rows if val else 0,
         "train_truncated": train.truncated, "validation_truncated": val.truncated if val else 0,
@@ -55,11 +60,11 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     return DataBundle(labels=labels, train=train, validation=val, stats=stats)
 
 
-def _read(section: DataSection, spec: str) -> tuple[datasets.Dataset, str]:
+def _read(section: DataSection, spec: str, lm: bool = False) -> tuple[datasets.Dataset, str]:
     ds = sources.read(spec, section.columns)
     where = str(sources.resolve_path(spec))
-    sources.require_columns(
-        ds, {"data.text": section.text, "data.text_pair": section.text_pair, "data.label": section.label}, where)
+    sources.require_columns(ds, {"data.text": section.text, "data.text_pair": section.text_pair,
+                                 "data.label": None if lm else section.label}, where)
     return ds, where
 
 
@@ -78,12 +83,16 @@ def tokenize_split(name: str, ds: datasets.Dataset, section: DataSection, tokeni
     label_id = {name: i for i, name in enumerate(labels)}
     cols = [c for c in (section.text, section.text_pair) if c]
 
+    # Language modelling: every sequence ends in EOS (one slot kept for it) so the model learns to stop.
+    eos = [tokenizer.eos_token_id] if not with_labels and tokenizer.eos_token_id is not None else []
+    room = section.max_length - len(eos)
+
     def encode(batch: dict) -> dict:
         texts = [batch[c] for c in cols]
-        enc = tokenizer(*texts, truncation=True, max_length=section.max_length)
+        ids = tokenizer(*texts, truncation=True, max_length=room)["input_ids"]
+        ids = [x + eos if eos and (not x or x[-1] != eos[0]) else x for x in ids]
         full = tokenizer(*texts, truncation=False)["input_ids"]
-        out = {"input_ids": enc["input_ids"], "length": [len(x) for x in enc["input_ids"]],
-               "truncated": [len(f) > section.max_length for f in full]}
+        out = {"input_ids": ids, "length": [len(x) for x in ids], "truncated": [len(f) > room for f in full]}
         if with_labels:
             out["labels"] = [label_id[str(v)] for v in batch[section.label]]
         return out

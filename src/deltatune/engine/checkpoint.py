@@ -18,7 +18,9 @@ def artifact_dir(run_dir: Path, model: torch.nn.Module) -> Path:
     """peft models save an adapter (peft's format); everything else a full transformers model."""
     from peft import PeftModel
 
-    return run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
+    from deltatune.methods.adapter import BottleneckAdapterModel
+
+    return run_dir / ("adapter" if isinstance(model, (PeftModel, BottleneckAdapterModel)) else "model")
 
 
 def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:

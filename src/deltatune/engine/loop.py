@@ -83,6 +83,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         net = torch.nn.parallel.DistributedDataParallel(model)
     compiled = torch.compile(net, dynamic=True) if tc.compile else net
     pad_id = tokenizer.pad_token_id
+    lm = cfg.task != "classification"
 
     best: float | None = None
     best_step, best_metrics, bad_evals, stopped_early = 0, {}, 0, False
@@ -100,9 +101,10 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
             batches = length_grouped_batches(lengths, global_batch, tc.seed, epoch)
             for global_ids in batches[step % steps_per_epoch:]:
                 t0 = time.perf_counter()
-                micro = [collate(train_set[ids], pad_id) for ids in shard(global_ids, dist.rank, dist.world,
-                                                                            tc.batch_size)]
-                n_items = dist.all_sum(sum(len(m["labels"]) for m in micro))
+                micro = [collate(train_set[ids], pad_id, lm=lm)
+                         for ids in shard(global_ids, dist.rank, dist.world, tc.batch_size)]
+                # Examples (classification) or target tokens (language modelling) in the global batch.
+                n_items = dist.all_sum(sum(count_targets(m["labels"], lm) for m in micro))
                 step_loss = torch.zeros((), dtype=torch.float32)
                 for i, batch in enumerate(micro):
                     batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
@@ -112,7 +114,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                         with prec.autocast():
                             logits = compiled(input_ids=batch["input_ids"],
                                               attention_mask=batch["attention_mask"]).logits
-                        loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+                        loss_sum = task_loss(logits, batch["labels"], lm)
                         # x world: DDP averages gradients over ranks, we want the global-batch mean.
                         scaled = loss_sum * (dist.world / n_items)
                         (scaler.scale(scaled) if scaler else scaled).backward()
@@ -148,23 +150,23 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
 
                 if data.validation is not None and (step % eval_every == 0 or step == total_steps):
                     result = evaluate(model, data.validation, len(data.labels), prec, dist.device, pad_id,
-                                      cfg.eval.batch_size)
+                                      cfg.eval.batch_size, lm)
                     result["step"], result["epoch"] = step, round(step / steps_per_epoch, 3)
                     history.append(result)
                     log.write({"eval": result})
-                    value = result[cfg.eval.metric]
-                    if metrics.improved(cfg.eval.metric, value, best):
+                    value = result[cfg.metric]
+                    if metrics.improved(cfg.metric, value, best):
                         best, best_step, best_metrics, bad_evals = value, step, result, 0
                         if dist.is_main:
                             checkpoint.save(model, tokenizer, run_dir)
                     else:
                         bad_evals += 1
                     log.print(f"step {step}: " + "  ".join(f"{k} {result[k]:.4f}" for k in
-                              ("loss", "accuracy", "precision", "recall", "f1"))
+                              metrics.TASK_METRICS[cfg.task])
                               + ("  [green]best" if best_step == step else ""))
                     window_t = time.perf_counter()  # eval time is not training throughput
                     if cfg.eval.patience and bad_evals >= cfg.eval.patience:
-                        log.print(f"early stop: no {cfg.eval.metric} improvement in {bad_evals} evals")
+                        log.print(f"early stop: no {cfg.metric} improvement in {bad_evals} evals")
                         stopped_early = True
                 if step >= total_steps or stopped_early:
                     break
@@ -179,10 +181,25 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         "tokens": int(dist.all_sum(tokens_done)),
         "tokens_per_s": round(dist.all_sum(tokens_done) / max(compute_s, 1e-9), 1),
         "trainable_params": trainable, "total_params": total, "peak_rss_mb": round(peak_rss_mb(), 1),
-        "best_step": best_step, "best_metric": cfg.eval.metric, "best_metrics": best_metrics,
+        "best_step": best_step, "best_metric": cfg.metric, "best_metrics": best_metrics,
         "stopped_early": stopped_early, "evals": history, "world_size": dist.world, "heap_kept_mapped": heap_tuned,
         "embedding_rows_buffered": rows, "attention": getattr(model.config, "_attn_implementation", None),
     }
+
+
+def count_targets(labels: torch.Tensor, lm: bool) -> int:
+    """What the loss is averaged over: examples, or next-token targets (all but each row's first)."""
+    return int((labels[:, 1:] != -100).sum()) if lm else len(labels)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, lm: bool) -> torch.Tensor:
+    """Summed cross-entropy (fp32) over examples, or over next-token targets for language models."""
+    if not lm:
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+    # Soft prompts prepend virtual positions to the logits; the targets align with the last ones.
+    logits = logits[:, -labels.shape[1]:-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fold: bool) -> torch.Tensor:
@@ -205,18 +222,27 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fol
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, num_labels: int, prec: precision.Precision,
-             device: torch.device, pad_id: int, batch_size: int = 64) -> dict:
-    """Loss and classification metrics over a split (every rank sees the whole split)."""
+             device: torch.device, pad_id: int, batch_size: int = 64, lm: bool = False) -> dict:
+    """Loss and task metrics over a split (every rank sees the whole split).
+
+    classification: loss per example, accuracy/precision/recall/F1. causal_lm: loss per target
+    token and perplexity = exp(loss).
+    """
     was_training = model.training
     model.eval()
     ds = split.dataset
-    preds, golds, loss_sum = [], [], 0.0
+    preds, golds, loss_sum, count = [], [], 0.0, 0
     for ids in eval_batches(ds["length"], batch_size):
-        batch = {k: v.to(device) for k, v in collate(ds[ids], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(ds[ids], pad_id, lm=lm).items()}
         with prec.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
-        preds += logits.argmax(-1).tolist()
-        golds += batch["labels"].tolist()
+        loss_sum += float(task_loss(logits, batch["labels"], lm))
+        count += count_targets(batch["labels"], lm)
+        if not lm:
+            preds += logits.argmax(-1).tolist()
+            golds += batch["labels"].tolist()
     model.train(was_training)
-    return {"loss": loss_sum / max(len(golds), 1), **metrics.classification(golds, preds, num_labels)}
+    loss = loss_sum / max(count, 1)
+    if lm:
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return {"loss": loss, **metrics.classification(golds, preds, num_labels)}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False}
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False,
+                    "perplexity": False}
+TASK_METRICS = {"classification": ("accuracy", "f1", "precision", "recall", "loss"),
+                "causal_lm": ("loss", "perplexity")}
 
 
 def classification(y_true: list[int], y_pred: list[int], num_labels: int) -> dict[str, float]:

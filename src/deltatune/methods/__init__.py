@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import Field
 
-from deltatune.methods import full, lora, partial, peft_methods
+from deltatune.methods import adapter, full, lora, partial, peft_methods
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,10 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            description="only bias terms (and the task head) train"),
     Method("lora", lora.Config, lora.apply, "adapter", True,
            description="low-rank update W + BA/r; variants dora, rslora; init default/gaussian/pissa; LoRA+"),
+    Method("adapter", adapter.Config, adapter.apply, "adapter", False,
+           "a bottleneck adapter is a non-linear block (up(act(down(h)))) added after a sublayer: no single "
+           "weight matrix can absorb it, so it stays as extra computation",
+           "bottleneck adapters after the attention and/or feed-forward sublayers (Houlsby / Pfeiffer)"),
     Method("ia3", peft_methods.IA3Config, peft_methods.apply_ia3, "adapter", True,
            description="learned rescaling of keys, values and feed-forward activations"),
     Method("ln_tuning", peft_methods.LNTuningConfig, peft_methods.apply_ln_tuning, "adapter", False,

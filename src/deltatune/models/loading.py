@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from deltatune.errors import ConfigError
@@ -54,6 +59,23 @@ def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizer
         hf_logging.set_verbosity(previous)
     if model.config.pad_token_id is None:
         # Decoder classifiers pick the last non-pad token, so they must know the pad id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_model(task: str, name: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
+               revision: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa"
+               ) -> torch.nn.Module:
+    """The task's model: a classifier with a labelled head, or a causal language model."""
+    if task == "classification":
+        return load_classifier(name, labels, tokenizer, revision, trust_remote_code, attention)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve(name), revision=revision, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code,
+                                                     attn_implementation=attention)
+    except OSError as e:
+        raise ConfigError(_not_found(name, e)) from None
+    if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

@@ -39,8 +39,9 @@ def count(cfg: RunConfig) -> dict:
                if p.requires_grad and any(f"{h}." in f".{n}" for h in heads))
     method = methods.REGISTRY[cfg.method.name]
     added = total - base_total if method.saves == "adapter" else 0
-    # peft keeps an untrained copy of the head next to the trained one (modules_to_save).
-    added -= head if method.saves == "adapter" and head else 0
+    # peft keeps an untrained copy of the head next to the trained one (modules_to_save); bottleneck
+    # adapters do not.
+    added -= head if any(".modules_to_save." in n for n, _ in model.named_parameters()) else 0
     return {
         "model": cfg.model.name, "method": cfg.method.name, "num_labels": labels,
         "base_params": base_total, "trainable_params": trainable,
