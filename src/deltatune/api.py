@@ -78,6 +78,10 @@ def train(cfg: RunConfig) -> dict:
                                   cfg.model.trust_remote_code, attention)
         model = methods.apply(model, cfg.method, cfg.task)
         trainable, total = methods.count_parameters(model)
+        if trainable == 0:
+            raise ConfigError(f"method.name={cfg.method.name}: nothing in `{cfg.model.name}` would train "
+                              f"(e.g. LLaMA-family layers have no bias terms for bitfit). Fix: choose another "
+                              f"method, such as lora or ln_tuning.")
         if dist.is_main:
             console.print(f"[bold]{cfg.method.name}[/]: {trainable:,} of {total:,} parameters train "
                           f"({100 * trainable / total:.3f}%)", highlight=False)
