@@ -31,7 +31,8 @@ def run(name: str) -> dict:
 
 
 def main() -> None:
-    names = [a for a in sys.argv[1:] if not a.startswith("--")] or [r for r in RECIPES if (ROOT / "configs" / f"{r}.yaml").exists()]
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]
+    names = names or [r for r in RECIPES if (ROOT / "configs" / f"{r}.yaml").exists()]
     rows = []
     for name in names:
         print(f"training {name} ...", flush=True)
