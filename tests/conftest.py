@@ -101,6 +101,25 @@ def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama64(tmp_path_factory, tokenizer_dir) -> Path:
+    """Hidden 64: bitsandbytes' CPU 4-bit kernels need rows of at least one 64-value block (QLoRA)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bert_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bert_tok.backend_tokenizer, bos_token="[CLS]",
+                                  eos_token="[SEP]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=128, max_position_embeddings=128,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    out = tmp_path_factory.mktemp("tiny-llama64")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("toy-data")
     return {"train": write_jsonl(d / "train.jsonl", toy_rows(256, seed=1)),

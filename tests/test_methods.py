@@ -20,6 +20,7 @@ METHOD_OVERRIDES = {
     "freeze": {"method.train_layers": 1},
     "bitfit": {},
     "lora": {"method.r": 4, "method.alpha": 8},
+    "qlora": {"method.r": 4, "method.alpha": 8},  # needs hidden >= 64: covered in test_qlora.py
     "ia3": {},
     "ln_tuning": {},
     "prompt_tuning": {"method.num_virtual_tokens": 4},
@@ -30,8 +31,9 @@ METHOD_OVERRIDES = {
 
 # Every method on a BERT classifier, a LLaMA classifier and a LLaMA causal LM. Prefix tuning cannot
 # drive transformers-5 sequence classifiers through peft (tested to refuse below).
-CASES = [(m, arch, "classification") for m in sorted(METHOD_OVERRIDES) for arch in ("bert", "llama")
-         if m != "prefix_tuning"] + [(m, "llama", "causal_lm") for m in sorted(METHOD_OVERRIDES) if m != "bitfit"]
+METHODS = sorted(set(METHOD_OVERRIDES) - {"qlora"})
+CASES = [(m, arch, "classification") for m in METHODS for arch in ("bert", "llama")
+         if m != "prefix_tuning"] + [(m, "llama", "causal_lm") for m in METHODS if m != "bitfit"]
 
 
 def test_every_registered_method_is_covered():
@@ -124,6 +126,16 @@ def test_bitfit_and_freeze_select_the_right_tensors(make_config):
     _, _, trainable = base_state(make_config(**{"method.name": "freeze", "method.train_layers": 1}))
     assert any(".layer.1." in n for n in trainable) and not any(".layer.0." in n for n in trainable)
     assert "classifier.weight" in trainable and "bert.embeddings.word_embeddings.weight" not in trainable
+
+
+def test_loraplus_reaches_the_training_optimizer(make_config):
+    cfg = make_config(**{"method.name": "lora", "method.r": 4, "method.loraplus_lr_ratio": 16, "train.max_steps": 1,
+                         "data.validation": None})
+    groups = api.train(cfg)["param_groups"]
+    lrs = sorted({g["lr"] for g in groups})
+    assert lrs == pytest.approx([cfg.train.lr, 16 * cfg.train.lr])
+    b_params = sum(g["params"] for g in groups if g["lr"] == pytest.approx(16 * cfg.train.lr))
+    assert b_params == 2 * 4 * (4 * 32 + 64 + 32)  # every lora_B: r x out_features, summed over 2 layers
 
 
 def test_loraplus_gives_b_matrices_a_larger_lr(make_config):

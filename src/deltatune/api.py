@@ -29,6 +29,7 @@ from deltatune.data.build import tokenize_split
 from deltatune.engine import checkpoint, distributed, loop, precision
 from deltatune.engine.report import console, summary_table
 from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.methods import lora as lora_mod
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -75,7 +76,7 @@ def train(cfg: RunConfig) -> dict:
         loop.seed_everything(cfg.train.seed)
         attention = models.attention_for(cfg.model.attention, dist.device)
         model = models.load_model(cfg.task, cfg.model.name, bundle.labels, tokenizer, cfg.model.revision,
-                                  cfg.model.trust_remote_code, attention)
+                                  cfg.model.trust_remote_code, attention, **_load_kwargs(cfg, dist.device))
         model = methods.apply(model, cfg.method, cfg.task)
         trainable, total = methods.count_parameters(model)
         if trainable == 0:
@@ -86,7 +87,7 @@ def train(cfg: RunConfig) -> dict:
             console.print(f"[bold]{cfg.method.name}[/]: {trainable:,} of {total:,} parameters train "
                           f"({100 * trainable / total:.3f}%)", highlight=False)
         setup_s = time.perf_counter() - t0
-        lr_scale = getattr(methods.REGISTRY[cfg.method.name], "lr_scale", None)
+        lr_scale = methods.REGISTRY[cfg.method.name].lr_scale
         result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist,
                             lr_scale=(lambda name: lr_scale(cfg.method, name)) if lr_scale else None)
         artifact = checkpoint.artifact_dir(run_dir, model)
@@ -100,6 +101,15 @@ def train(cfg: RunConfig) -> dict:
         return summary
     finally:
         distributed.teardown(dist)
+
+
+def _load_kwargs(cfg: RunConfig, device: torch.device) -> dict:
+    """Method-specific loading, e.g. QLoRA's 4-bit base (computing in bf16 where that is native)."""
+    method = methods.REGISTRY[cfg.method.name]
+    if method.load_kwargs is None:
+        return {}
+    compute = precision.resolve(cfg.train.precision, device).dtype or torch.float32
+    return method.load_kwargs(cfg.method, compute, device)
 
 
 def _weights_mb(path: Path) -> float:
@@ -135,8 +145,9 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
         tokenizer = AutoTokenizer.from_pretrained(path / "adapter")
         # Seeded as in training, so even the untrained copy of the head peft keeps is reproduced.
         loop.seed_everything(cfg.train.seed)
+        target = torch.device(device or _default_device())
         base = models.load_model(cfg.task, cfg.model.name, labels, tokenizer, cfg.model.revision,
-                                 cfg.model.trust_remote_code, "sdpa")
+                                 cfg.model.trust_remote_code, "sdpa", **_load_kwargs(cfg, target))
         from deltatune.methods import adapter as bottleneck
 
         if bottleneck.is_saved_adapter(path / "adapter"):  # deltatune's own format; peft cannot read it
@@ -147,7 +158,9 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
         tokenizer = AutoTokenizer.from_pretrained(path / "model")
         auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
         model = auto.from_pretrained(path / "model", dtype=torch.float32)
-    model.to(device or _default_device()).eval()
+    if not lora_mod.is_quantized(model):  # 4-bit weights are placed by device_map and cannot move
+        model.to(device or _default_device())
+    model.eval()
     return LoadedRun(path, cfg, model, tokenizer, labels)
 
 

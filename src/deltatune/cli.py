@@ -115,6 +115,9 @@ def merge(
     report = do_merge(run_dir, out_dir, tolerance)
     out.print(f"merged {report['method']} adapter into {out_dir}: max |merged - unmerged| = "
               f"{report['max_abs_diff']:.3g} over {report['samples']} samples (tolerance {tolerance:g})")
+    if report.get("four_bit_kernel_max_abs_diff") is not None:
+        out.print(f"  merged into a 32-bit copy of the dequantized 4-bit base; the 4-bit CPU/GPU kernel itself "
+                  f"differs from that exact product by up to {report['four_bit_kernel_max_abs_diff']:.3g}")
 
 
 @app.command()

@@ -31,6 +31,7 @@ from deltatune.engine.distributed import Dist
 from deltatune.engine.report import RunLog
 from deltatune.evaluation import metrics
 from deltatune.methods import count_parameters
+from deltatune.methods.lora import is_quantized
 
 
 def seed_everything(seed: int) -> None:
@@ -63,7 +64,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         torch.set_num_threads(tc.threads)
     heap_tuned = keep_heap_mapped() if dist.device.type == "cpu" else False
     prec = precision.resolve(tc.precision, dist.device)
-    model.to(dist.device)
+    if not is_quantized(model):  # 4-bit weights are placed by device_map at load time and cannot move
+        model.to(dist.device)
     model.train()
     optimizer = optim.build_optimizer(model, tc, dist.device, lr_scale)
     scaler = prec.scaler()
@@ -183,7 +185,10 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         "trainable_params": trainable, "total_params": total, "peak_rss_mb": round(peak_rss_mb(), 1),
         "best_step": best_step, "best_metric": cfg.metric, "best_metrics": best_metrics,
         "stopped_early": stopped_early, "evals": history, "world_size": dist.world, "heap_kept_mapped": heap_tuned,
-        "embedding_rows_buffered": rows, "attention": getattr(model.config, "_attn_implementation", None),
+        "embedding_rows_buffered": rows, "quantized_base": is_quantized(model),
+        "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
+                          "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups],
+        "attention": getattr(model.config, "_attn_implementation", None),
     }
 
 

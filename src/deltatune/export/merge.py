@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from deltatune import api, methods
+from deltatune import api, methods, models
 from deltatune.data.batching import collate
 from deltatune.errors import DeltatuneError
+from deltatune.methods.lora import is_quantized
 
 SAMPLE_TEXTS = ["A moving, beautifully acted film.", "Dull, tedious and far too long.",
                 "The markets rallied after the announcement.", "It was fine, I suppose.",
@@ -36,6 +37,31 @@ def sample_batch(run: api.LoadedRun, limit: int = 32) -> dict[str, torch.Tensor]
     return collate({"input_ids": ids}, run.tokenizer.pad_token_id)
 
 
+def dequantized_copy(run: api.LoadedRun) -> torch.nn.Module:
+    """QLoRA: never merge into 4-bit weights. Build a 32-bit base whose linear weights are exactly the
+    dequantized 4-bit ones the adapter was trained against, then attach the adapter to it, so the
+    merged model computes what the trained (unmerged) model computed."""
+    import bitsandbytes.functional as bnbf
+    from peft import PeftModel
+
+    cfg = run.config
+    from deltatune.engine.loop import seed_everything
+
+    seed_everything(cfg.train.seed)
+    base32 = models.load_model(cfg.task, cfg.model.name, run.labels, run.tokenizer, cfg.model.revision,
+                               cfg.model.trust_remote_code, "sdpa")
+    for name, module in run.model.get_base_model().named_modules():
+        if type(module).__name__ == "Linear4bit":
+            data, state = module.weight.data, module.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                # bitsandbytes repacks 4-bit weights for its CPU kernel at the first forward pass;
+                # dequantizing needs the original layout back (its own inverse, which copies).
+                data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+            weight = bnbf.dequantize_4bit(data, state).float()
+            base32.get_submodule(name.removesuffix(".base_layer")).weight.data.copy_(weight)
+    return PeftModel.from_pretrained(base32, run.path / "adapter")
+
+
 def merge(run_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-4) -> dict:
     run = api.load_run(run_dir, device="cpu")
     method = methods.REGISTRY[run.config.method.name]
@@ -46,13 +72,25 @@ def merge(run_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-4) -> 
         raise DeltatuneError(f"{run_dir}: method `{method.name}` cannot be merged: {method.why_not_mergeable}. "
                              f"Serve it with its base model (deltatune predict), or train LoRA/IA3 to merge.")
     batch = sample_batch(run)
+    quantized = is_quantized(run.model)
     with torch.no_grad():
-        before = run.model(**batch).logits.float()
-        merged = run.model.merge_and_unload()
+        reference, kernel_diff = run.model, None
+        if quantized:
+            # The merge is checked against the adapter on the dequantized base (the exact NF4 values).
+            # bitsandbytes' CPU 4-bit kernel only approximates that product, so its own difference
+            # is measured and reported separately, not counted against the merge.
+            four_bit = run.model(**batch).logits.float()
+            reference = dequantized_copy(run)
+        before = reference(**batch).logits.float()
+        if quantized:
+            kernel_diff = float((four_bit - before).abs().max())
+        merged = reference.merge_and_unload()
         after = merged(**batch).logits.float()
     diff = float((before - after).abs().max())
     report = {"run_dir": str(run_dir), "method": method.name, "samples": int(batch["input_ids"].shape[0]),
-              "max_abs_diff": diff, "tolerance": tolerance}
+              "max_abs_diff": diff, "tolerance": tolerance,
+              "into": "fp32 copy of the dequantized 4-bit base" if quantized else "fp32 base",
+              "four_bit_kernel_max_abs_diff": kernel_diff}
     if diff > tolerance:
         raise DeltatuneError(f"merge verification failed: merged and unmerged outputs differ by {diff:.3g} "
                              f"(> tolerance {tolerance:g}); nothing was written to {out_dir}.")

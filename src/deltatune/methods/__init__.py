@@ -30,6 +30,8 @@ class Method:
     description: str = ""
     tasks: tuple[str, ...] = ("classification", "causal_lm", "sft")
     why_not_task: str = ""
+    lr_scale: Any = None  # (cfg, parameter name) -> learning-rate multiplier, e.g. LoRA+
+    load_kwargs: Any = None  # (cfg, compute dtype, device) -> extra from_pretrained arguments, e.g. 4-bit
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in [
@@ -39,11 +41,15 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("bitfit", partial.BitFitConfig, partial.apply_bitfit, "model", None,
            description="only bias terms (and the task head) train"),
     Method("lora", lora.Config, lora.apply, "adapter", True,
-           description="low-rank update W + BA/r; variants dora, rslora; init default/gaussian/pissa; LoRA+"),
+           description="low-rank update W + BA/r; variants dora, rslora; init default/gaussian/pissa; LoRA+",
+           lr_scale=lora.lr_scale),
     Method("adapter", adapter.Config, adapter.apply, "adapter", False,
            "a bottleneck adapter is a non-linear block (up(act(down(h)))) added after a sublayer: no single "
            "weight matrix can absorb it, so it stays as extra computation",
            "bottleneck adapters after the attention and/or feed-forward sublayers (Houlsby / Pfeiffer)"),
+    Method("qlora", lora.QLoRAConfig, lora.apply_qlora, "adapter", True,
+           description="LoRA over a 4-bit NF4 base (bitsandbytes); merges into a 32-bit copy of the base",
+           lr_scale=lora.lr_scale, load_kwargs=lora.quantized_load_kwargs),
     Method("ia3", peft_methods.IA3Config, peft_methods.apply_ia3, "adapter", True,
            description="learned rescaling of keys, values and feed-forward activations"),
     Method("ln_tuning", peft_methods.LNTuningConfig, peft_methods.apply_ln_tuning, "adapter", False,

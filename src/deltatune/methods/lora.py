@@ -3,6 +3,7 @@
 variant: `lora` (Hu et al. 2021), `dora` (weight-decomposed), `rslora` (alpha/sqrt(r) scaling).
 init: `default` (B = 0), `gaussian`, `pissa` (principal singular vectors of W).
 loraplus_lr_ratio: LoRA+ trains B with a learning rate this many times A's.
+qlora: the same LoRA over a base loaded in 4 bits (NF4, bitsandbytes; works on CPU too).
 """
 
 from __future__ import annotations
@@ -41,6 +42,39 @@ def apply(model: torch.nn.Module, cfg: Config, task: str) -> torch.nn.Module:
         use_rslora=cfg.variant == "rslora", init_lora_weights={"default": True}.get(cfg.init, cfg.init),
     )
     return get_peft_model(model, peft_cfg)
+
+
+class QLoRAConfig(Config):
+    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="also quantize the quantization constants (QLoRA paper)")
+
+
+def quantized_load_kwargs(cfg: QLoRAConfig, compute_dtype: torch.dtype, device: torch.device) -> dict:
+    """from_pretrained arguments that load the base in 4 bits."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        from deltatune.errors import ConfigError
+
+        raise ConfigError("method qlora needs bitsandbytes: pip install bitsandbytes (0.50+ runs on CPU)") from None
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype), "device_map": {"": str(device)}}
+
+
+def apply_qlora(model: torch.nn.Module, cfg: QLoRAConfig, task: str) -> torch.nn.Module:
+    from peft import prepare_model_for_kbit_training
+
+    # Freezes the 4-bit base, keeps norms/embeddings/head in fp32, lets gradients reach the inputs.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return apply(model, cfg, task)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
 def lr_scale(cfg: Config, param_name: str) -> float:

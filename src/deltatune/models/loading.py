@@ -38,8 +38,8 @@ def attention_for(requested: str, device: torch.device) -> str:
 
 
 def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
-                    revision: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa"
-                    ) -> torch.nn.Module:
+                    revision: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa",
+                    **extra) -> torch.nn.Module:
     """A sequence classifier whose head knows the label names and ids."""
     source = resolve(name)
     id2label = dict(enumerate(labels))
@@ -51,7 +51,7 @@ def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizer
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()},
             revision=revision, trust_remote_code=trust_remote_code, dtype=torch.float32,
-            attn_implementation=attention,
+            attn_implementation=attention, **extra,
         )
     except OSError as e:
         raise ConfigError(_not_found(name, e)) from None
@@ -64,15 +64,18 @@ def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizer
 
 
 def load_model(task: str, name: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
-               revision: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa"
-               ) -> torch.nn.Module:
-    """The task's model: a classifier with a labelled head, or a causal language model."""
+               revision: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa",
+               **extra) -> torch.nn.Module:
+    """The task's model: a classifier with a labelled head, or a causal language model.
+
+    `extra` goes to from_pretrained (e.g. a 4-bit quantization_config for QLoRA).
+    """
     if task == "classification":
-        return load_classifier(name, labels, tokenizer, revision, trust_remote_code, attention)
+        return load_classifier(name, labels, tokenizer, revision, trust_remote_code, attention, **extra)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve(name), revision=revision, dtype=torch.float32,
                                                      trust_remote_code=trust_remote_code,
-                                                     attn_implementation=attention)
+                                                     attn_implementation=attention, **extra)
     except OSError as e:
         raise ConfigError(_not_found(name, e)) from None
     if model.config.pad_token_id is None:

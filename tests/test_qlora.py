@@ -1,0 +1,49 @@
+"""QLoRA: LoRA over a 4-bit NF4 base (bitsandbytes on CPU), trained, reloaded and merged into 32 bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltatune import api
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture
+def qlora_run(make_config, tiny_llama64, tmp_path):
+    def run(task: str):
+        cfg = make_config(model=tiny_llama64, **{"task": task, "method.name": "qlora", "method.r": 4,
+                                                 "train.max_steps": 6, "eval.every": 100, "train.lr": 1e-2,
+                                                 "output.dir": str(tmp_path / task)})
+        return cfg, api.train(cfg)
+    return run
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_qlora_trains_on_a_4bit_base_and_reloads_exactly(qlora_run, task):
+    cfg, s = qlora_run(task)
+    assert s["quantized_base"] is True and s["artifact"] == "adapter"
+    # LoRA on q,k,v,o (64x64, k/v out 32), gate/up (64->128), down (128->64), 2 layers, r=4 (+ head).
+    lora = 2 * 4 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    head = 64 * 2 if task == "classification" else 0
+    assert s["trainable_params"] == lora + head
+    run = api.load_run(cfg.output.dir, device="cpu")
+    assert any(type(m).__name__ == "Linear4bit" for m in run.model.modules())
+    again = api.evaluate(cfg.output.dir)
+    assert again["loss"] == pytest.approx(s["best_metrics"]["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_qlora_merges_into_32_bit_weights_equal_to_the_trained_model(qlora_run, task, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from deltatune.export.merge import merge
+
+    cfg, _ = qlora_run(task)
+    report = merge(cfg.output.dir, tmp_path / "merged")
+    assert report["max_abs_diff"] < 1e-4 and "dequantized" in report["into"]
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    merged = auto.from_pretrained(tmp_path / "merged")
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
