@@ -81,9 +81,7 @@ def tiny_bert(tmp_path_factory, tokenizer_dir) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
-    """A 2-layer, hidden-32 LLaMA decoder sharing the toy vocabulary (no pad token of its own)."""
+def _save_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -91,32 +89,24 @@ def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=bert_tok.backend_tokenizer, bos_token="[CLS]",
                                   eos_token="[SEP]", unk_token="[UNK]")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=128,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, attention_dropout=0.0)
-    out = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer, hidden-32 LLaMA decoder sharing the toy vocabulary (no pad token of its own)."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir, 32)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama64(tmp_path_factory, tokenizer_dir) -> Path:
     """Hidden 64: bitsandbytes' CPU 4-bit kernels need rows of at least one 64-value block (QLoRA)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bert_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bert_tok.backend_tokenizer, bos_token="[CLS]",
-                                  eos_token="[SEP]", unk_token="[UNK]")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=128, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    out = tmp_path_factory.mktemp("tiny-llama64")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama64"), tokenizer_dir, 64)
 
 
 @pytest.fixture(scope="session")

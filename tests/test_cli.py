@@ -88,3 +88,22 @@ def test_python_dash_m_entry_point():
 
     r = subprocess.run([sys.executable, "-m", "deltatune", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout
+
+
+def test_causal_lm_through_the_cli(tmp_path, tiny_llama, toy_data):
+    """train -> eval -> merge for a LoRA causal LM, all from the command line."""
+    out = tmp_path / "lm"
+    r = run("train", f"model.name={tiny_llama}", f"data.train={toy_data['train']}",
+            f"data.validation={toy_data['validation']}", "task=causal_lm", "method.name=lora", "method.r=4",
+            "train.epochs=1", "train.lr=1e-2", "train.precision=fp32", f"output.dir={out}")
+    assert r.exit_code == 0, r.output
+    assert (out / "adapter" / "adapter_config.json").exists()
+    r = run("eval", str(out), "--json")
+    assert r.exit_code == 0 and "perplexity" in json.loads(r.output)
+    r = run("merge", str(out), str(tmp_path / "merged"))
+    assert r.exit_code == 0 and "max |merged - unmerged|" in r.output, r.output
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    with pytest.raises(Exception, match="classification run"):
+        from deltatune import api
+
+        api.predict(out, ["a good film"])

@@ -24,3 +24,17 @@ def test_minilm_short_finetune_learns_sentiment(tmp_path):
     assert [p["label"] for p in preds] == ["positive", "negative"]
     labels = json.loads((tmp_path / "run" / "labels.json").read_text())
     assert labels == ["negative", "positive"]
+
+
+@pytest.mark.slow
+def test_qlora_on_minilm_trains_and_merges(tmp_path):
+    """The real encoder in 4 bits: the new head stays full precision, training runs, merge verifies."""
+    pytest.importorskip("bitsandbytes")
+    from deltatune.export.merge import merge
+
+    cfg = config.load("configs/lora.yaml", ["method.name=qlora", "train.max_steps=8", "eval.every=8",
+                                            "data.validation=0.02", f"output.dir={tmp_path / 'run'}"])
+    s = api.train(cfg)
+    assert s["quantized_base"] and s["steps"] == 8
+    report = merge(tmp_path / "run", tmp_path / "merged")
+    assert report["max_abs_diff"] < 1e-4

@@ -193,6 +193,9 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
 def predict(run_dir: str | Path | LoadedRun, texts: list[str], batch_size: int = 64) -> list[dict]:
     """Label and per-label probabilities for each text."""
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
+    if run.config.task != "classification":
+        raise DeltatuneError(f"{run.path}: predict labels texts with a classification run; this is a "
+                             f"{run.config.task} run. Use `deltatune eval` for its loss/perplexity.")
     if not texts:
         return []
     enc = run.tokenizer(texts, truncation=True, max_length=run.config.data.max_length)["input_ids"]

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from deltatune.methods.common import block_linears, peft_task_type
+from deltatune.methods.common import HEAD_NAMES, block_linears, peft_task_type
 from deltatune.sections import Section
 
 
@@ -60,9 +60,12 @@ def quantized_load_kwargs(cfg: QLoRAConfig, compute_dtype: torch.dtype, device: 
         raise ConfigError("method qlora needs bitsandbytes: pip install bitsandbytes (0.50+ runs on CPU)") from None
     from transformers import BitsAndBytesConfig
 
+    # Task heads stay in full precision: a new classification head is initialised, not loaded, and
+    # would otherwise become a 4-bit layer that was never quantized (bitsandbytes then fails).
+    keep = [*HEAD_NAMES, "lm_head"]
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype), "device_map": {"": str(device)}}
+        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=keep), "device_map": {"": str(device)}}
 
 
 def apply_qlora(model: torch.nn.Module, cfg: QLoRAConfig, task: str) -> torch.nn.Module:
