@@ -218,3 +218,30 @@ def test_metric_must_exist_for_task(make_config, tiny_llama):
 
     with pytest.raises(ConfigError, match="eval.metric=accuracy does not exist for task `causal_lm`"):
         api.train(make_config(model=tiny_llama, **{"task": "causal_lm", "eval.metric": "accuracy"}))
+
+
+# Closed forms on the tiny BERT: hidden 32, intermediate 64, 2 layers; the 2-label head has 32*2+2.
+HEAD = 32 * 2 + 2
+CLOSED_FORM = {
+    # every bias: per layer q,k,v,attn-out (4x32), attn LayerNorm 32, intermediate 64, output 32, output
+    # LayerNorm 32; plus the embeddings LayerNorm and the pooler
+    "bitfit": ({"method.name": "bitfit"}, 2 * (4 * 32 + 32 + 64 + 32 + 32) + 32 + 32),
+    # LayerNorm weight+bias: embeddings + 2 per layer
+    "ln_tuning": ({"method.name": "ln_tuning"}, (1 + 2 * 2) * 2 * 32),
+    # 4 virtual tokens x hidden
+    "prompt_tuning": ({"method.name": "prompt_tuning", "method.num_virtual_tokens": 4}, 4 * 32),
+    # IA3 for BERT (peft defaults): key, value scale their 32 outputs; `output.dense` (both the attention
+    # output and the feed-forward output, treated as feed-forward) scale their inputs: 32 and 64
+    "ia3": ({"method.name": "ia3"}, 2 * (32 + 32 + 32 + 64)),
+    # the top layer: attention q,k,v,out (4x(32x32+32)), 2 LayerNorms (2x64), intermediate 32x64+64, output 64x32+32
+    "freeze": ({"method.name": "freeze", "method.train_layers": 1},
+               4 * (32 * 32 + 32) + 2 * 64 + (32 * 64 + 64) + (64 * 32 + 32)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_FORM))
+def test_trainable_counts_equal_the_closed_form(name, make_config):
+    overrides, expected = CLOSED_FORM[name]
+    model, _, trainable = base_state(make_config(**overrides))
+    counted = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert counted == expected + HEAD
