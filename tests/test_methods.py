@@ -29,11 +29,11 @@ METHOD_OVERRIDES = {
 }
 
 
-# Every method on a BERT classifier, a LLaMA classifier and a LLaMA causal LM. Prefix tuning cannot
-# drive transformers-5 sequence classifiers through peft (tested to refuse below).
+# Every method on a BERT classifier, a LLaMA classifier and a LLaMA causal LM. Prefix tuning needs a
+# key/value cache, which transformers-5 BERT does not take (tested to refuse below).
 METHODS = sorted(set(METHOD_OVERRIDES) - {"qlora"})
 CASES = [(m, arch, "classification") for m in METHODS for arch in ("bert", "llama")
-         if m != "prefix_tuning"] + [(m, "llama", "causal_lm") for m in METHODS if m != "bitfit"]
+         if (m, arch) != ("prefix_tuning", "bert")] + [(m, "llama", "causal_lm") for m in METHODS if m != "bitfit"]
 
 
 def test_every_registered_method_is_covered():
@@ -83,7 +83,8 @@ def test_method_trains_only_its_parameters_and_reloads_exactly(name, arch, task,
     again = api.evaluate(cfg.output.dir)
     assert again["loss"] == pytest.approx(final["loss"], abs=1e-6)
     assert again.get("accuracy") == final.get("accuracy")
-    if artifact == "adapter" and name != "adapter":  # bottleneck adapters are deltatune's format only
+    # Bottleneck adapters are deltatune's format; prefix-tuned classifiers need deltatune's cache shim.
+    if artifact == "adapter" and name != "adapter" and (name, task) != ("prefix_tuning", "classification"):
         # ... and plain peft loads the adapter (head included) to the same outputs.
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -100,13 +101,21 @@ def test_method_trains_only_its_parameters_and_reloads_exactly(name, arch, task,
         assert torch.allclose(a, c, atol=1e-5), (a, c)
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_prefix_tuning_for_classification_explains(make_config, tiny_bert, tiny_llama, arch):
+def test_prefix_tuning_on_an_encoder_classifier_explains(make_config):
     from deltatune.errors import ConfigError
 
-    cfg = make_config(model=tiny_bert if arch == "bert" else tiny_llama, **{"method.name": "prefix_tuning"})
-    with pytest.raises(ConfigError, match="prefix_tuning.*past_key_values.*prompt_tuning"):
-        base_state(cfg)
+    with pytest.raises(ConfigError, match="prefix_tuning: `bert` classifiers take no key/value cache.*prompt_tuning"):
+        base_state(make_config(**{"method.name": "prefix_tuning"}))
+
+
+def test_prefix_tuning_changes_a_decoder_classifier_output(make_config, tiny_llama):
+    model, _, _ = base_state(make_config(model=tiny_llama, **{"method.name": "prefix_tuning",
+                                                              "method.num_virtual_tokens": 4}))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        with_prefix = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        without = model.get_base_model()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert with_prefix.shape == (2, 2) and not torch.allclose(with_prefix, without)
 
 
 def test_lora_parameter_count_is_closed_form(make_config, tiny_bert):
@@ -162,10 +171,14 @@ def test_lora_variants_and_inits_apply(make_config, variant, init):
         assert any("lora_magnitude_vector" in n for n in trainable)
 
 
-def test_preflight_refuses_method_task_mismatch_before_loading(make_config):
+def test_preflight_refuses_method_task_mismatch_before_loading(make_config, monkeypatch):
+    import dataclasses
+
     from deltatune.errors import ConfigError
 
-    cfg = make_config(**{"method.name": "prefix_tuning", "model.name": "/nonexistent/never-loaded"})
+    causal_only = dataclasses.replace(REGISTRY["prompt_tuning"], tasks=("causal_lm",), why_not_task="(test)")
+    monkeypatch.setitem(REGISTRY, "prompt_tuning", causal_only)
+    cfg = make_config(**{"method.name": "prompt_tuning", "model.name": "/nonexistent/never-loaded"})
     with pytest.raises(ConfigError, match="does not support task `classification`"):
         api.train(cfg)
 

@@ -154,6 +154,10 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
             model = bottleneck.from_pretrained(base, path / "adapter")
         else:
             model = PeftModel.from_pretrained(base, path / "adapter")
+            if cfg.method.name == "prefix_tuning" and cfg.task == "classification":
+                from deltatune.methods.peft_methods import prefix_through_cache
+
+                model = prefix_through_cache(model)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path / "model")
         auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM

@@ -62,10 +62,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            "virtual tokens produced by a small prompt encoder (MLP or LSTM)"),
     Method("prefix_tuning", peft_methods.PrefixTuningConfig, peft_methods.apply_prefix_tuning, "adapter", False,
            "prefixes add key/value positions to every layer: there is no weight to merge them into",
-           "trainable key/value prefixes in every layer, reparameterised by an MLP (P-tuning v2 style)",
-           tasks=("causal_lm", "sft"),
-           why_not_task="peft hands prefixes over as `past_key_values`, which transformers-5 sequence classifiers "
-                        "do not take (use prompt_tuning or p_tuning for classification)."),
+           "trainable key/value prefixes in every layer, reparameterised by an MLP (P-tuning v2 style); "
+           "decoders only (transformers-5 encoders take no key/value cache)"),
 ]}
 
 # The `method:` section: pydantic picks the variant by `name`.

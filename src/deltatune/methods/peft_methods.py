@@ -5,6 +5,8 @@ Each is a config section mapped one to one onto peft's own config; peft does the
 
 from __future__ import annotations
 
+import inspect
+import types
 from typing import Literal
 
 import torch
@@ -88,12 +90,33 @@ def apply_p_tuning(model, cfg: PTuningConfig, task: str):
 def apply_prefix_tuning(model, cfg: PrefixTuningConfig, task: str):
     from peft import PrefixTuningConfig as PeftPrefix
 
-    if task == "classification":
-        # peft hands prefixes over as `past_key_values`; transformers-5 encoders dropped them and its
-        # sequence-classification wrappers for decoders only take `cache`, so peft refuses both.
+    if task == "classification" and "cache" not in inspect.signature(model.forward).parameters:
+        # Prefixes are extra key/value positions handed to every layer through the model's cache;
+        # transformers-5 encoders (BERT family) take no cache at all.
         raise ConfigError(
-            "method prefix_tuning: peft's prefix tuning cannot drive transformers-5 sequence classifiers "
-            f"(`{model.config.model_type}`: no `past_key_values` argument). Fix: use method.name=prompt_tuning or "
-            "p_tuning for classification; prefix tuning works for causal language modelling.")
-    return _wrap(model, PeftPrefix(task_type=peft_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
-                                   prefix_projection=cfg.projection, encoder_hidden_size=cfg.encoder_hidden_size))
+            f"method prefix_tuning: `{model.config.model_type}` classifiers take no key/value cache in transformers 5, "
+            "so there is nowhere to put the prefixes. Fix: use method.name=prompt_tuning or p_tuning for this "
+            "model, or prefix tuning with a decoder (LLaMA, ...).")
+    peft_model = _wrap(model, PeftPrefix(task_type=peft_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
+                                         prefix_projection=cfg.projection,
+                                         encoder_hidden_size=cfg.encoder_hidden_size))
+    return prefix_through_cache(peft_model) if task == "classification" else peft_model
+
+
+def prefix_through_cache(peft_model):
+    """Let peft's prefix tuning drive a transformers-5 decoder *classifier*.
+
+    peft 0.21 passes prefixes as `past_key_values` and refuses models whose forward lacks that
+    argument; transformers-5 sequence classifiers call it `cache`. peft has already extended the
+    attention mask by the prefix length when it calls `_prefix_tuning_forward`, so the only change
+    is the argument's name. (Plain peft cannot run these adapters until it learns the new name.)
+    """
+    from peft.utils.other import _get_batch_size
+
+    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+        kwargs.pop("past_key_values", None)
+        prompt = self.get_prompt(_get_batch_size(input_ids, inputs_embeds))
+        return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=prompt, **kwargs)
+
+    peft_model._prefix_tuning_forward = types.MethodType(forward, peft_model)
+    return peft_model
