@@ -28,6 +28,10 @@ def test_qlora_trains_on_a_4bit_base_and_reloads_exactly(qlora_run, task):
     lora = 2 * 4 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + 2 * (64 + 128) + (128 + 64))
     head = 64 * 2 if task == "classification" else 0
     assert s["trainable_params"] == lora + head
+    # Totals count the parameters the packed 4-bit tensors stand for, not their bytes.
+    fp32 = api.train(cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "lora"}),
+                                            "output": cfg.output.model_copy(update={"dir": cfg.output.dir + "-fp32"})}))
+    assert s["total_params"] == fp32["total_params"]
     run = api.load_run(cfg.output.dir, device="cpu")
     assert any(type(m).__name__ == "Linear4bit" for m in run.model.modules())
     again = api.evaluate(cfg.output.dir)

@@ -8,6 +8,7 @@ in peft's adapter format; the others save a full model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Union
 
@@ -82,6 +83,9 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        # 4-bit weights are stored packed (two values a byte); count the parameters they stand for.
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        n = math.prod(shape) if shape is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
