@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["quickstart", "lora", "qlora", "adapter", "ia3", "bitfit", "freeze", "ln_tuning", "prompt_tuning", "p_tuning"]
+RECIPES = ["quickstart", "lora", "qlora", "adapter", "ia3", "bitfit", "freeze", "ln_tuning", "prompt_tuning",
+           "p_tuning"]
 
 
 def run(name: str) -> dict:
