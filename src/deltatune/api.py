@@ -44,6 +44,14 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.task not in method.tasks:
         raise ConfigError(f"method.name={cfg.method.name} does not support task `{cfg.task}`: {method.why_not_task} "
                           f"Fix: use one of the methods listed by `deltatune methods` for {cfg.task}.")
+    if cfg.data.packing and cfg.task == "classification":
+        raise ConfigError("data.packing=true does not apply to task classification: each text gets its own label "
+                          "from its own sequence. Fix: remove data.packing (dynamic padding and length grouping "
+                          "already keep padding low), or use task causal_lm / sft.")
+    if cfg.data.packing and cfg.method.name in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+        raise ConfigError(f"data.packing=true cannot be combined with method.name={cfg.method.name}: soft prompts "
+                          f"are added once per sequence, so packed examples would share one prompt and the "
+                          f"position ids would no longer line up. Fix: set data.packing=false, or use lora.")
     out = Path(cfg.output.dir)
     if (out / "summary.json").exists() and not cfg.output.overwrite:
         raise ConfigError(f"output.dir: {out} already holds a finished run. Fix: choose another output.dir "
@@ -214,3 +222,99 @@ def predict(run_dir: str | Path | LoadedRun, texts: list[str], batch_size: int =
             out[i] = {"text": texts[i], "label": run.labels[k], "score": float(probs[row, k]),
                       "scores": {name: float(p) for name, p in zip(run.labels, probs[row].tolist())}}
     return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders: prompts, generation, looking at the training data
+
+
+def prompt_template(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """How prompts are rendered for this run: `chat` (the tokenizer's template), `alpaca`, or `raw`
+    text (causal_lm runs continue text as it is)."""
+    from deltatune.data import sft
+
+    return sft.resolve_template(cfg.data.template, tokenizer) if cfg.task == "sft" else "raw"
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str) -> list[int]:
+    """Token ids that end exactly where the model's answer should begin."""
+    from deltatune.data import sft
+
+    if template == "chat":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = sft.alpaca_prompt(prompt) if template == "alpaca" else prompt
+    ids = tokenizer(text)["input_ids"]
+    # A post-processor may close the text with EOS; the prompt must stay open for the answer.
+    return ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
+
+
+@dataclass
+class Generator:
+    """A decoder ready to answer prompts: a run (full, adapter) or a plain/merged model directory."""
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    template: str
+    source: str
+
+
+def load_generator(path: str | Path, template: str | None = None, device: str | None = None) -> Generator:
+    """`path`: a run directory (config.yaml inside), or a model directory such as `deltatune merge`'s output.
+    `template` overrides how prompts are rendered (chat | alpaca | raw)."""
+    path = Path(path)
+    if (path / "config.yaml").exists():
+        run = load_run(path, device)
+        if run.config.task == "classification":
+            raise DeltatuneError(f"{path}: generate needs a causal_lm or sft run; this run classifies texts. "
+                                 f"Use `deltatune predict`.")
+        return Generator(run.model, run.tokenizer, template or prompt_template(run.config, run.tokenizer), str(path))
+    if not (path / "config.json").exists():
+        raise DeltatuneError(f"{path}: neither a deltatune run (config.yaml) nor a model directory (config.json). "
+                             f"Fix: pass a run's output.dir or the directory `deltatune merge` wrote.")
+    report = path / "merge_report.json"
+    saved = json.loads(report.read_text(encoding="utf-8")).get("prompt_template") if report.exists() else None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or _default_device()).eval()
+    default = saved or ("chat" if getattr(tokenizer, "chat_template", None) else "raw")
+    return Generator(model, tokenizer, template or default, str(path))
+
+
+def generate(source: str | Path | Generator, prompts: list[str], max_new_tokens: int = 64, sample: bool = False,
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, template: str | None = None) -> list[dict]:
+    """Answer each prompt: greedy by default, or sampled (temperature, top_p, seeded). Stops at EOS."""
+    from deltatune.evaluation.generation import generate as generate_ids
+
+    gen = source if isinstance(source, Generator) else load_generator(source, template)
+    chosen = template or gen.template
+    ids = [encode_prompt(gen.tokenizer, p, chosen) for p in prompts]
+    torch.manual_seed(seed)
+    out = generate_ids(gen.model, gen.tokenizer, ids, max_new_tokens, do_sample=sample, temperature=temperature,
+                       top_p=top_p)
+    return [{"prompt": p, "text": gen.tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
+             "stopped_at_eos": stopped, "template": chosen} for p, (new, stopped) in zip(prompts, out)]
+
+
+def inspect_data(cfg: RunConfig, rows: int = 3, split: str = "train") -> list[list[tuple[str, bool]]]:
+    """The first few training examples as the model sees them: (token, carries loss) pairs."""
+    from deltatune.data import sft
+
+    tokenizer = models.load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
+    bundle = data_mod.build(cfg.data, tokenizer, task=cfg.task)
+    part = bundle.train if split == "train" else bundle.validation
+    if part is None:
+        raise ConfigError("inspect-data: this config has no validation split")
+    ds = part.dataset.select(range(min(rows, len(part.dataset))))
+    out = []
+    for r in range(len(ds)):
+        ids = ds[r]["input_ids"]
+        if "labels" in ds.column_names and cfg.task != "classification":
+            labels = ds[r]["labels"]
+        elif cfg.task == "classification":
+            labels = [sft.IGNORE] * len(ids)  # the loss is on the label, not on tokens
+        else:
+            labels = [sft.IGNORE] + ids[1:]  # plain causal LM: every token after the first is a target
+        out.append(sft.show(tokenizer, ids, labels))
+    return out

@@ -27,13 +27,7 @@ def train(
     print_config: Annotated[bool, typer.Option("--print-config", help="show the resolved config and exit")] = False,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes a run directory (output.dir)."""
-    from deltatune import config as config_mod
-
-    # `deltatune train a=b` (no file) is allowed: typer hands the first override in as CONFIG.
-    if config is not None and "=" in str(config) and not config.exists():
-        overrides = [str(config), *(overrides or [])]
-        config = None
-    cfg = config_mod.load(config, overrides or [])
+    cfg = _load_config(config, overrides)
     if print_config:
         out.print(cfg.to_yaml(), end="", markup=False, highlight=False)
         return
@@ -79,9 +73,7 @@ def predict(
         if not items:
             raise DeltatuneError("predict: give RUN_DIR and texts, or --run RUN_DIR ... and texts")
         runs = [Path(items.pop(0))]
-    if file is not None:
-        lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text(encoding="utf-8").splitlines()
-        items += [line for line in lines if line.strip()]
+    items += _read_lines(file)
     if not items:
         raise DeltatuneError("predict: give texts as arguments or --file FILE")
     if len(runs) == 1:
@@ -123,20 +115,68 @@ def merge(
 
 
 @app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a causal_lm/sft run, or a model directory (e.g. merged)")],
+    prompts: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="a prompt; repeatable")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="one prompt per line ('-' for stdin)")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.01)] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.01, max=1.0)] = 0.9,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    template: Annotated[str | None, typer.Option("--template", help="chat | alpaca | raw (default: as trained)")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Generate answers with a decoder run (full or adapter) or a merged model; stops at EOS."""
+    from deltatune import api
+
+    if template not in (None, "chat", "alpaca", "raw"):
+        raise DeltatuneError(f"--template {template}: use chat, alpaca or raw")
+    texts = list(prompts or []) + _read_lines(file)
+    if not texts:
+        raise DeltatuneError("no prompts: pass --prompt TEXT (repeatable) or --file FILE")
+    results = api.generate(run_dir, texts, max_new_tokens, sample, temperature, top_p, seed, template)
+    for r in results:
+        if as_json:
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            end = "" if r["stopped_at_eos"] else f"  [dim](stopped at {max_new_tokens} tokens)[/]"
+            out.print(f"[bold]>[/] {escape(r['prompt'])}\n{escape(r['text'])}{end}\n", highlight=False)
+
+
+@app.command("inspect-data")
+def inspect_data(
+    config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value ...")] = None,
+    rows: Annotated[int, typer.Option("--rows", min=1)] = 3,
+    split: Annotated[str, typer.Option("--split", help="train | validation")] = "train",
+) -> None:
+    """Show a few examples as the model sees them; tokens that carry loss are highlighted."""
+    from deltatune import api
+
+    cfg = _load_config(config, overrides)
+    for i, tokens in enumerate(api.inspect_data(cfg, rows, split)):
+        shown = "".join(f"[black on green]{escape(t)}[/]" if loss else escape(t) for t, loss in tokens)
+        n = sum(loss for _, loss in tokens)
+        out.print(f"[bold]{split} example {i}[/] ({len(tokens)} tokens, {n} carry loss)", highlight=False)
+        out.print(shown, highlight=False, soft_wrap=True)
+        out.print()
+    out.print("[black on green]highlighted[/] tokens carry loss; the rest are context only.")
+
+
+@app.command()
 def params(
     config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value ...")] = None,
 ) -> None:
     """Count parameters of CONFIG's model and method from the model config alone (no weights loaded)."""
-    from deltatune import config as config_mod
     from deltatune.plan.params import count
 
-    if config is not None and "=" in str(config) and not config.exists():
-        overrides, config = [str(config), *(overrides or [])], None
     overrides = list(overrides or [])
     if not any(o.startswith("data.train=") for o in overrides):
         overrides.append("data.train=unused")  # counting needs no data
-    result = count(config_mod.load(config, overrides))
+    result = count(_load_config(config, overrides))
     table = Table(title=f"{result['method']} on {result['model']} (meta device: no weights loaded)")
     table.add_column("")
     table.add_column("parameters", justify="right")
@@ -197,6 +237,24 @@ def datasets(
         table.add_row(f"builtin:{d.name}", f"{d.rows:,}", ", ".join(d.labels), d.package, d.description,
                       str(cached or ""))
     out.print(table)
+
+
+def _load_config(config: Path | None, overrides: list[str] | None):
+    """CONFIG plus overrides. `deltatune train a=b` (no file) is allowed: typer hands the first
+    override in as CONFIG."""
+    from deltatune import config as config_mod
+
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides, config = [str(config), *(overrides or [])], None
+    return config_mod.load(config, list(overrides or []))
+
+
+def _read_lines(file: Path | None) -> list[str]:
+    """Non-empty lines of FILE ('-' reads stdin); none without a file."""
+    if file is None:
+        return []
+    lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip()]
 
 
 def main() -> None:

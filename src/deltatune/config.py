@@ -35,6 +35,16 @@ class DataSection(Section):
     columns: list[str] | None = Field(None, description="column names for CSV/TSV files without a header")
     max_length: int = Field(128, ge=8, le=32768)
     seed: int = 42
+    sample: int | None = Field(None, ge=1, description="train on a seeded sample of this many training rows "
+                               "(taken after the validation split)")
+    format: Literal["auto", "text", "alpaca", "messages"] = Field(
+        "auto", description="sft rows: alpaca (instruction/input/output columns) or messages (chat turns); "
+        "auto picks by columns")
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="how sft prompts are rendered: the tokenizer's chat template, or the Alpaca prompt; "
+        "auto = chat when the tokenizer has one")
+    packing: bool = Field(False, description="causal_lm/sft: pack several examples per sequence, isolated from "
+                          "each other (block-diagonal attention, positions restarting at 0)")
 
     @field_validator("validation")
     @classmethod
@@ -63,10 +73,20 @@ class TrainSection(Section):
 
 class EvalSection(Section):
     every: Literal["epoch"] | int = Field("epoch", description="`epoch` or a number of optimizer steps")
-    metric: Literal["auto", "accuracy", "f1", "precision", "recall", "loss", "perplexity"] = Field(
-        "auto", description="picks the best checkpoint; auto = accuracy (classification) or loss (causal_lm)")
+    metric: Literal["auto", "accuracy", "f1", "precision", "recall", "loss", "perplexity", "exact_match",
+                    "label_accuracy"] = Field(
+        "auto", description="picks the best checkpoint; auto = accuracy (classification) or loss (causal_lm, sft); "
+        "exact_match / label_accuracy generate answers (sft)")
     patience: int | None = Field(None, ge=1, description="stop after this many evals without improvement")
     batch_size: int = Field(64, ge=1)
+    at_start: bool = Field(False, description="also evaluate before the first step (the base model's score, "
+                           "e.g. zero-shot accuracy)")
+    max_new_tokens: int = Field(16, ge=1, description="generation-based metrics: tokens generated per answer")
+    generate_rows: int | None = Field(200, ge=1, description="generation-based metrics: validation rows used "
+                                      "(seeded sample; null = all)")
+    forgetting: bool = Field(True, description="causal_lm/sft: perplexity on general text (BBC News) before and "
+                             "after training, reported in summary.json")
+    forgetting_rows: int = Field(32, ge=1, description="articles (256 tokens each) in the forgetting probe")
 
     @field_validator("every")
     @classmethod
@@ -82,7 +102,7 @@ class OutputSection(Section):
 
 
 class RunConfig(Section):
-    task: Literal["classification", "causal_lm"] = "classification"
+    task: Literal["classification", "causal_lm", "sft"] = "classification"
     model: ModelSection = ModelSection()
     method: MethodConfig = Field(default_factory=lambda: REGISTRY["full"].Config())
     data: DataSection

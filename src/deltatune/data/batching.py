@@ -50,21 +50,48 @@ def eval_batches(lengths: list[int] | np.ndarray, batch_size: int) -> list[list[
 
 def collate(rows: dict[str, list], pad_id: int, pad_side: str = "right", lm: bool = False
             ) -> dict[str, torch.Tensor]:
-    """Pad a batch of token-id lists to its own longest row; labels pass through.
+    """Pad a batch of token-id lists to its own longest row.
 
-    lm=True: the targets are the tokens themselves, with padding marked -100 (ignored by the loss).
+    Language modelling: per-token `labels` lists are padded with -100 (ignored by the loss); without
+    them every real token is a target. Packed rows also bring `position_ids`; their padding becomes
+    one more segment (positions from 0), so it never joins a real example's attention block.
     """
     ids = rows["input_ids"]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
+    token_labels = lm and "labels" in rows
+    labels = torch.full((len(ids), width), -100, dtype=torch.long) if token_labels else None
+    positions = torch.zeros((len(ids), width), dtype=torch.long) if "position_ids" in rows else None
     for i, x in enumerate(ids):
         sl = slice(0, len(x)) if pad_side == "right" else slice(width - len(x), width)
         input_ids[i, sl] = torch.tensor(x, dtype=torch.long)
         mask[i, sl] = 1
+        if labels is not None:
+            labels[i, sl] = torch.tensor(rows["labels"][i], dtype=torch.long)
+        if positions is not None:
+            positions[i, :len(x)] = torch.tensor(rows["position_ids"][i], dtype=torch.long)
+            positions[i, len(x):] = torch.arange(width - len(x))
     out = {"input_ids": input_ids, "attention_mask": mask}
-    if lm:
+    if labels is not None:
+        out["labels"] = labels
+    elif lm:
         out["labels"] = input_ids.masked_fill(mask == 0, -100)
     elif "labels" in rows:
         out["labels"] = torch.tensor(rows["labels"], dtype=torch.long)
+    if positions is not None:
+        out["position_ids"] = positions
     return out
+
+
+def model_inputs(batch: dict[str, torch.Tensor], lm: bool) -> dict[str, torch.Tensor | bool | None]:
+    """What the model is called with. Packed rows pass positions and *no* attention mask: that is how
+    transformers is told to build the block-diagonal mask (see data/packing.py). Decoders in training
+    need no key/value cache."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
+                "use_cache": False}
+    inputs: dict = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if lm:
+        inputs["use_cache"] = False
+    return inputs

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from deltatune.config import DataSection
-from deltatune.data import sources
+from deltatune.data import packing, sft, sources
 from deltatune.errors import DataError
 
 MAX_SHOWN = 5  # offending rows quoted in an error
@@ -40,32 +41,75 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     token a target (the model learns to stop).
     """
     lm = task != "classification"
-    train_raw, train_where = _read(section, section.train, lm)
+    train_raw, train_where = _read(section, section.train, task)
     val_raw, val_where = None, None
     if isinstance(section.validation, str):
-        val_raw, val_where = _read(section, section.validation, lm)
+        val_raw, val_where = _read(section, section.validation, task)
     elif isinstance(section.validation, float):
         parts = train_raw.train_test_split(test_size=section.validation, seed=section.seed)
         train_raw, val_raw = parts["train"], parts["test"]
         val_where = f"{train_where} ({section.validation:.0%} held out, seed {section.seed})"
 
     labels = [] if lm else labels or section.labels or _label_set(train_raw, section.label)
-    train = tokenize_split("train", train_raw, section, tokenizer, labels, train_where, not lm)
-    val = tokenize_split("validation", val_raw, section, tokenizer, labels, val_where, not lm) if val_raw else None
-    stats = {
+    stats: dict = {}
+    if section.sample and section.sample < len(train_raw):
+        stats["sampled_from"] = len(train_raw)
+        keep = np.random.default_rng(section.seed).choice(len(train_raw), section.sample, replace=False)
+        train_raw = train_raw.select(sorted(keep.tolist()))
+    if task == "sft":
+        fmt = sft.detect_format(train_raw.column_names, section.format, train_where)
+        template = sft.resolve_template(section.template, tokenizer)
+        stats.update(format=fmt, template=template)
+        train = tokenize_sft("train", train_raw, section, tokenizer, train_where, fmt, template)
+        val = tokenize_sft("validation", val_raw, section, tokenizer, val_where, fmt, template) if val_raw else None
+    else:
+        train = tokenize_split("train", train_raw, section, tokenizer, labels, train_where, not lm)
+        val = tokenize_split("validation", val_raw, section, tokenizer, labels, val_where, not lm) if val_raw else None
+    stats.update({
         "train_rows": train.rows, "validation_rows": val.rows if val else 0,
         "train_truncated": train.truncated, "validation_truncated": val.truncated if val else 0,
         "max_length": section.max_length,
-    }
+    })
+    if task == "sft":
+        stats.update(train_without_target=train.rows - len(train.dataset),
+                     validation_without_target=(val.rows - len(val.dataset)) if val else 0)
+    if section.packing:
+        # Only training is packed: evaluation scores each example on its own.
+        train, stats["packing"] = packing.pack_split(train, section.max_length, section.seed)
     return DataBundle(labels=labels, train=train, validation=val, stats=stats)
 
 
-def _read(section: DataSection, spec: str, lm: bool = False) -> tuple[datasets.Dataset, str]:
+def _read(section: DataSection, spec: str, task: str = "classification") -> tuple[datasets.Dataset, str]:
     ds = sources.read(spec, section.columns)
     where = str(sources.resolve_path(spec))
-    sources.require_columns(ds, {"data.text": section.text, "data.text_pair": section.text_pair,
-                                 "data.label": None if lm else section.label}, where)
+    if task != "sft":  # sft columns are checked by format (instruction/output or messages)
+        sources.require_columns(ds, {"data.text": section.text, "data.text_pair": section.text_pair,
+                                     "data.label": None if task != "classification" else section.label}, where)
     return ds, where
+
+
+def tokenize_sft(name: str, ds: datasets.Dataset, section: DataSection, tokenizer: PreTrainedTokenizerBase,
+                 where: str, fmt: str, template: str) -> Split:
+    """Instruction rows -> input_ids + labels (response tokens only), plus the prompt and reference
+    answer that generation-based evaluation uses."""
+    sft.detect_format(ds.column_names, fmt, where)
+    first_line = sources.first_data_line(Path(where.split(" (")[0]), has_header=section.columns is None)
+    sft.check_rows(ds.to_list(), fmt, where, first_line)
+
+    def encode(row: dict) -> dict:
+        try:
+            e = sft.encode(tokenizer, sft.to_messages(row, fmt), template, section.max_length)
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from None
+        return {"input_ids": e.input_ids, "labels": e.labels, "length": len(e.input_ids),
+                "prompt_ids": e.prompt_ids, "reference": e.reference, "truncated": e.truncated}
+
+    tokenized = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {name}")
+    truncated = sum(tokenized["truncated"])
+    # A row cut so short that none of its response is left carries no loss: dropped, and counted.
+    has_target = [any(t != sft.IGNORE for t in lab[1:]) for lab in tokenized["labels"]]
+    kept = tokenized.select([i for i, ok in enumerate(has_target) if ok]).remove_columns("truncated")
+    return Split(name=name, dataset=kept, rows=len(ds), truncated=truncated, where=where)
 
 
 def _label_set(ds: datasets.Dataset, column: str) -> list[str]:

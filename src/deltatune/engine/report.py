@@ -76,5 +76,10 @@ def summary_table(summary: dict) -> Table:
             table.add_row(key, f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int)
                           and not isinstance(v, bool) else str(v))
     for key, v in (summary.get("best_metrics") or {}).items():
-        table.add_row(f"best {key}", f"{v:.4f}")
+        if isinstance(v, float):
+            table.add_row(f"best {key}", f"{v:.4f}")
+    if summary.get("forgetting"):
+        f = summary["forgetting"]
+        table.add_row("general-text perplexity", f"{f['perplexity_before']:.3f} -> {f['perplexity_after']:.3f} "
+                      f"({f['change_percent']:+.2f}%)")
     return table

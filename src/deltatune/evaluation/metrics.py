@@ -5,9 +5,11 @@ from __future__ import annotations
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False,
-                    "perplexity": False}
+                    "perplexity": False, "exact_match": True, "label_accuracy": True}
 TASK_METRICS = {"classification": ("accuracy", "f1", "precision", "recall", "loss"),
-                "causal_lm": ("loss", "perplexity")}
+                "causal_lm": ("loss", "perplexity"),
+                "sft": ("loss", "perplexity", "exact_match", "label_accuracy")}
+GENERATION_METRICS = ("exact_match", "label_accuracy")
 
 
 def classification(y_true: list[int], y_pred: list[int], num_labels: int) -> dict[str, float]:

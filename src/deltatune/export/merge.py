@@ -90,7 +90,9 @@ def merge(run_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-4) -> 
     report = {"run_dir": str(run_dir), "method": method.name, "samples": int(batch["input_ids"].shape[0]),
               "max_abs_diff": diff, "tolerance": tolerance,
               "into": "fp32 copy of the dequantized 4-bit base" if quantized else "fp32 base",
-              "four_bit_kernel_max_abs_diff": kernel_diff}
+              "four_bit_kernel_max_abs_diff": kernel_diff, "task": run.config.task,
+              # How `deltatune generate` should render prompts for the merged model, as for the run.
+              "prompt_template": api.prompt_template(run.config, run.tokenizer)}
     if diff > tolerance:
         raise DeltatuneError(f"merge verification failed: merged and unmerged outputs differ by {diff:.3g} "
                              f"(> tolerance {tolerance:g}); nothing was written to {out_dir}.")

