@@ -52,3 +52,20 @@ def report(result: dict) -> None:
     """Children print one JSON line; the orchestrator collects it."""
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+
+
+def train_recipe(name: str, group: str, reuse: bool = False, overrides: list[str] | None = None) -> dict:
+    """`deltatune train configs/NAME.yaml` in its own child process (so peak RSS is its own), into
+    bench/.work/GROUP/NAME; returns its summary.json. `reuse` keeps a finished earlier result."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = root / "bench" / ".work" / group / name
+    if reuse and (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    cmd = [sys.executable, "-m", "deltatune", "train", str(root / "configs" / f"{name}.yaml"),
+           f"output.dir={out}", "output.overwrite=true", *(overrides or [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if done.returncode != 0:
+        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads((out / "summary.json").read_text())

@@ -8,27 +8,15 @@ time and the best validation accuracy.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import train_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["quickstart", "lora", "qlora", "adapter", "ia3", "bitfit", "freeze", "ln_tuning", "prompt_tuning",
            "p_tuning"]
-
-
-def run(name: str) -> dict:
-    out = ROOT / "bench" / ".work" / "methods" / name
-    if "--reuse" in sys.argv and (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
-    cmd = [sys.executable, "-m", "deltatune", "train", str(ROOT / "configs" / f"{name}.yaml"),
-           f"output.dir={out}", "output.overwrite=true"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())
 
 
 def main() -> None:
@@ -37,7 +25,7 @@ def main() -> None:
     rows = []
     for name in names:
         print(f"training {name} ...", flush=True)
-        s = run(name)
+        s = train_recipe(name, "methods", "--reuse" in sys.argv)
         rows.append(s)
         print(f"  {s['method']}: acc {s['best_metrics'].get('accuracy', float('nan')):.4f} "
               f"in {s['train_seconds']:.0f} s", flush=True)

@@ -63,10 +63,23 @@ def test_packing_plan_uses_every_example_once_within_max_length():
     assert len(groups) < len(lengths) / 2  # it actually packs
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_packed_batch_equals_unpacked(tiny_llama, attention):
+def tiny_gpt2(vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+@pytest.mark.parametrize("arch,attention", [("llama", "eager"), ("llama", "sdpa"), ("gpt2", "eager"),
+                                            ("gpt2", "sdpa")])
+def test_packed_batch_equals_unpacked(tiny_llama, arch, attention):
     """No attention or position leakage: each example's logits are what it gets alone."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attention).eval()
+    if arch == "llama":
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attention).eval()
+    else:
+        model = tiny_gpt2(120).eval()
+        model.set_attn_implementation(attention)
     g = torch.Generator().manual_seed(0)
     examples = [torch.randint(5, 100, (n,), generator=g).tolist() for n in (7, 3, 11, 5, 9)]
     rows = packing.pack_rows(examples, None, [[0, 1, 2], [3, 4]])
@@ -84,6 +97,23 @@ def test_packed_batch_equals_unpacked(tiny_llama, attention):
     # The first token of every example is never a target (it would be predicted from its neighbour).
     assert (batch["labels"][0, [0, 7, 10]] == -100).all()
     assert int((batch["labels"] != -100).sum()) == sum(len(x) - 1 for x in examples)
+
+
+def test_logits_only_at_targets_give_the_same_loss_and_gradients(tiny_chat_llama):
+    from deltatune.engine.loop import accepts_logits_mask, task_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    encs = [sft.encode(tok, sft.to_messages(r, "alpaca"), "chat", 64) for r in sft_rows(6)]
+    batch = collate({"input_ids": [e.input_ids for e in encs], "labels": [e.labels for e in encs]}, 0, lm=True)
+    results = []
+    for keep in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama)
+        assert accepts_logits_mask(model)
+        loss = task_loss(model(**model_inputs(batch, True, keep)).logits, batch["labels"], True, keep)
+        loss.backward()
+        results.append((loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
 
 
 def test_generation_stops_at_eos(tiny_llama):
@@ -199,3 +229,22 @@ def test_packing_refused_for_classification_and_soft_prompts(make_config):
         api.preflight(make_config(**{"data.packing": True}))
     with pytest.raises(ConfigError, match="prompt_tuning"):
         api.preflight(make_config(**{"data.packing": True, "task": "sft", "method.name": "prompt_tuning"}))
+
+
+def test_causal_lm_on_a_text_file_with_packing(tiny_llama, tmp_path):
+    from deltatune import config
+    from tests.conftest import toy_rows
+
+    lines = [r["text"] for r in toy_rows(120, seed=3)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(lines[:5]) + "\n" + "\n".join(lines[5:]) + "\n", encoding="utf-8")  # blanks skipped
+    cfg = config.load(None, [f"model.name={tiny_llama}", "task=causal_lm", f"data.train={path}",
+                             "data.validation=0.1", "data.packing=true", "data.max_length=64", "train.epochs=2",
+                             "train.batch_size=4", "train.lr=3e-3", "train.precision=fp32", "train.threads=2",
+                             "eval.forgetting=false", "eval.at_start=true", f"output.dir={tmp_path / 'run'}"])
+    s = api.train(cfg)
+    assert s["data"]["train_rows"] + s["data"]["validation_rows"] == 120
+    assert s["data"]["packing"]["examples"] == s["data"]["train_rows"]
+    assert s["data"]["packing"]["examples_per_sequence"] > 2 and s["data"]["packing"]["fill"] > 0.8
+    assert s["evals"][0]["step"] == 0 and s["evals"][-1]["loss"] < s["evals"][0]["loss"] - 0.3
+    assert s["best_metrics"]["perplexity"] < 120  # a 177-token vocabulary: chance is ~177

@@ -38,3 +38,23 @@ def test_qlora_on_minilm_trains_and_merges(tmp_path):
     assert s["quantized_base"] and s["steps"] == 8
     report = merge(tmp_path / "run", tmp_path / "merged")
     assert report["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_lora_sft_steps_generate_and_probe(tmp_path):
+    """A few LoRA steps on the real SmolLM2-135M-Instruct (converted once from the package's GGUF)."""
+    from deltatune.models.catalogue import BUILTIN_MODELS
+
+    pytest.importorskip("gguf")
+    cfg = config.load("configs/smollm2-sentiment-lora.yaml", [
+        "data.sample=24", "data.validation=0.002", "train.max_steps=3", "train.batch_size=8", "train.threads=2",
+        "eval.generate_rows=8", "eval.forgetting_rows=2", "eval.at_start=false", f"output.dir={tmp_path / 'run'}"])
+    s = api.train(cfg)
+    assert s["steps"] == 3 and s["data"]["template"] == "chat" and s["artifact"] == "adapter"
+    assert 0.0 <= s["best_metrics"]["label_accuracy"] <= 1.0 and s["best_metrics"]["generated_rows"] == 8
+    # The base model (adapters off) is a fluent LLM: single-digit-to-tens perplexity on news, not thousands.
+    assert 1.0 < s["forgetting"]["perplexity_before"] < 100.0
+    assert (BUILTIN_MODELS["smollm2-135m"].path() / "model.safetensors").exists()  # the cached conversion
+    out = api.generate(tmp_path / "run", ["Classify the sentiment of this movie review. Answer with one word: "
+                                          "positive or negative.\n\nA gorgeous, moving film."], max_new_tokens=8)
+    assert out[0]["template"] == "chat" and out[0]["text"].strip()

@@ -84,14 +84,30 @@ def collate(rows: dict[str, list], pad_id: int, pad_side: str = "right", lm: boo
     return out
 
 
-def model_inputs(batch: dict[str, torch.Tensor], lm: bool) -> dict[str, torch.Tensor | bool | None]:
+def model_inputs(batch: dict[str, torch.Tensor], lm: bool, keep_logits: bool = False
+                 ) -> dict[str, torch.Tensor | bool | None]:
     """What the model is called with. Packed rows pass positions and *no* attention mask: that is how
     transformers is told to build the block-diagonal mask (see data/packing.py). Decoders in training
-    need no key/value cache."""
+    need no key/value cache.
+
+    keep_logits: project onto the vocabulary only where the next token is a target (`logits_to_keep`
+    as a boolean mask; the logits come back flattened to (targets, vocab)). In instruction tuning a
+    74-token example may have 2 target tokens, and the output layer is ~20% of a small LLM's compute.
+    """
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
-                "use_cache": False}
-    inputs: dict = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if lm:
-        inputs["use_cache"] = False
+        inputs: dict = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                        "attention_mask": None, "use_cache": False}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if lm:
+            inputs["use_cache"] = False
+    if keep_logits:
+        inputs["logits_to_keep"] = target_positions(batch["labels"])
     return inputs
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean (batch, length): True where the *next* token is a target."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep

@@ -12,7 +12,7 @@ from deltatune.errors import ConfigError, DataError, did_you_mean
 
 datasets.disable_progress_bars()
 
-FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 def resolve_path(spec: str) -> Path:
@@ -45,6 +45,8 @@ def read(spec: str, columns: list[str] | None = None) -> datasets.Dataset:
                       features=datasets.Features({n: datasets.Value("string") for n in names}))
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        if fmt == "text":  # plain text: one row per non-blank line, in a column named `text`
+            ds = ds.filter(lambda row: bool(row["text"].strip()))
     except Exception as e:  # datasets wraps parser errors in several types; all mean "cannot read"
         cause = e.__cause__ or e
         raise DataError(f"{path}: cannot read as {fmt}: {type(cause).__name__}: {cause}") from None

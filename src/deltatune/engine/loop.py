@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import math
 import random
 import resource
@@ -87,6 +88,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     compiled = torch.compile(net, dynamic=True) if tc.compile else net
     pad_id = tokenizer.pad_token_id
     lm = cfg.task != "classification"
+    keep_logits = lm and accepts_logits_mask(model)
 
     best: float | None = None
     best_step, best_metrics, bad_evals, stopped_early = 0, {}, 0, False
@@ -100,7 +102,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
 
     def run_eval(at_step: int) -> dict:
         result = evaluate(model, data.validation, len(data.labels), prec, dist.device, pad_id, cfg.eval.batch_size,
-                          lm, gen_eval)
+                          lm, gen_eval, keep_logits)
         result["step"], result["epoch"] = at_step, round(at_step / steps_per_epoch, 3)
         history.append(result)
         log.write({"eval": result})
@@ -139,8 +141,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     sync = contextlib.nullcontext() if last or dist.world == 1 else net.no_sync()
                     with sync:
                         with prec.autocast():
-                            logits = compiled(**model_inputs(batch, lm)).logits
-                        loss_sum = task_loss(logits, batch["labels"], lm)
+                            logits = compiled(**model_inputs(batch, lm, keep_logits)).logits
+                        loss_sum = task_loss(logits, batch["labels"], lm, keep_logits)
                         # x world: DDP averages gradients over ranks, we want the global-batch mean.
                         scaled = loss_sum * (dist.world / n_items)
                         (scaler.scale(scaled) if scaler else scaled).backward()
@@ -247,15 +249,28 @@ def base_only(model: torch.nn.Module):
         yield
 
 
+def accepts_logits_mask(model: torch.nn.Module) -> bool:
+    """Whether the decoder can compute logits only at target positions (`logits_to_keep`). Not with
+    soft prompts: their virtual tokens make the hidden states longer than the labels."""
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def count_targets(labels: torch.Tensor, lm: bool) -> int:
     """What the loss is averaged over: examples, or next-token targets (all but each row's first)."""
     return int((labels[:, 1:] != -100).sum()) if lm else len(labels)
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, lm: bool) -> torch.Tensor:
-    """Summed cross-entropy (fp32) over examples, or over next-token targets for language models."""
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, lm: bool, kept: bool = False) -> torch.Tensor:
+    """Summed cross-entropy (fp32) over examples, or over next-token targets for language models.
+
+    kept: the logits are only those at target positions, flattened (see batching.model_inputs)."""
     if not lm:
         return F.cross_entropy(logits.float(), labels, reduction="sum")
+    if kept:
+        return F.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != -100], reduction="sum")
     # Soft prompts prepend virtual positions to the logits; the targets align with the last ones.
     logits = logits[:, -labels.shape[1]:-1]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -283,7 +298,7 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fol
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, num_labels: int, prec: precision.Precision,
              device: torch.device, pad_id: int, batch_size: int = 64, lm: bool = False,
-             gen: GenerationEval | None = None) -> dict:
+             gen: GenerationEval | None = None, keep_logits: bool = False) -> dict:
     """Loss and task metrics over a split (every rank sees the whole split).
 
     classification: loss per example, accuracy/precision/recall/F1. causal_lm / sft: loss per target
@@ -297,8 +312,8 @@ def evaluate(model: torch.nn.Module, split: Split, num_labels: int, prec: precis
     for ids in eval_batches(ds["length"], batch_size):
         batch = {k: v.to(device) for k, v in collate(ds[ids], pad_id, lm=lm).items()}
         with prec.autocast():
-            logits = model(**model_inputs(batch, lm)).logits
-        loss_sum += float(task_loss(logits, batch["labels"], lm))
+            logits = model(**model_inputs(batch, lm, keep_logits)).logits
+        loss_sum += float(task_loss(logits, batch["labels"], lm, keep_logits))
         count += count_targets(batch["labels"], lm)
         if not lm:
             preds += logits.argmax(-1).tolist()
