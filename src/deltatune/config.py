@@ -35,6 +35,11 @@ class DataSection(Section):
     columns: list[str] | None = Field(None, description="column names for CSV/TSV files without a header")
     max_length: int = Field(128, ge=8, le=32768)
     seed: int = 42
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="bad rows: raise (name file, line, problem) or skip (drop, count, report)")
+    id: str | None = Field(None, description="id column checked for duplicates (default: `id` if the data has it)")
+    max_chars: int | None = Field(None, ge=1, description="a text longer than this many characters is bad data "
+                                  "(e.g. a broken quote swallowed the file); default 1000 x max_length")
 
     @field_validator("validation")
     @classmethod

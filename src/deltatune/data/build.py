@@ -9,8 +9,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from deltatune.config import DataSection
-from deltatune.data import sources
-from deltatune.errors import DataError
+from deltatune.data import sources, validate
 
 MAX_SHOWN = 5  # offending rows quoted in an error
 
@@ -40,31 +39,44 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     token a target (the model learns to stop).
     """
     lm = task != "classification"
-    train_raw, train_where = _read(section, section.train, lm)
+    reports: list[validate.SplitReport] = []  # rows read / used / skipped, per split
+    train_raw, train_where = _read(section, section.train, lm, "train", reports)
     val_raw, val_where = None, None
     if isinstance(section.validation, str):
-        val_raw, val_where = _read(section, section.validation, lm)
+        val_raw, val_where = _read(section, section.validation, lm, "validation", reports)
     elif isinstance(section.validation, float):
         parts = train_raw.train_test_split(test_size=section.validation, seed=section.seed)
         train_raw, val_raw = parts["train"], parts["test"]
         val_where = f"{train_where} ({section.validation:.0%} held out, seed {section.seed})"
+        reports[0].held_out = len(val_raw)
+        reports.append(validate.SplitReport("validation", val_where, reports[0].unit, read=len(val_raw)))
 
     labels = [] if lm else labels or section.labels or _label_set(train_raw, section.label)
+    if not lm:  # labels outside the set; validation classes that training never has
+        train_raw = validate.check(train_raw, section, reports[0], labels=labels)
+        if val_raw is not None:
+            val_raw = validate.check(val_raw, section, reports[1], labels=labels,
+                                     train_labels=set(_label_set(train_raw, section.label)))
     train = tokenize_split("train", train_raw, section, tokenizer, labels, train_where, not lm)
     val = tokenize_split("validation", val_raw, section, tokenizer, labels, val_where, not lm) if val_raw else None
     stats = {
         "train_rows": train.rows, "validation_rows": val.rows if val else 0,
         "train_truncated": train.truncated, "validation_truncated": val.truncated if val else 0,
-        "max_length": section.max_length,
+        "max_length": section.max_length, "on_error": section.on_error,
+        **validate.report(reports, {"train": train, "validation": val}, section.max_length),
     }
     return DataBundle(labels=labels, train=train, validation=val, stats=stats)
 
 
-def _read(section: DataSection, spec: str, lm: bool = False) -> tuple[datasets.Dataset, str]:
-    ds = sources.read(spec, section.columns)
-    where = str(sources.resolve_path(spec))
+def _read(section: DataSection, spec: str, lm: bool = False, name: str = "train",
+          reports: list | None = None) -> tuple[datasets.Dataset, str]:
+    ds, report = validate.read(spec, section, name, lm)  # bad lines raised or skipped, each row keeps its line
+    where = report.where
     sources.require_columns(ds, {"data.text": section.text, "data.text_pair": section.text_pair,
                                  "data.label": None if lm else section.label}, where)
+    ds = validate.check(ds, section, report, lm)
+    if reports is not None:
+        reports.append(report)
     return ds, where
 
 
@@ -106,21 +118,10 @@ def tokenize_split(name: str, ds: datasets.Dataset, section: DataSection, tokeni
 
 def _check_rows(ds: datasets.Dataset, section: DataSection, labels: list[str] | None, where: str,
                 first_line: int) -> None:
-    """Empty texts and unknown labels are errors naming the file line; nothing is dropped silently."""
-    allowed = set(labels) if labels is not None else None
-    empty, unknown = [], []
-    text_cols = [c for c in (section.text, section.text_pair) if c]
-    table = ds.select_columns(text_cols + ([section.label] if allowed is not None else []))[:]
-    for col in text_cols:
-        empty += [f"line {first_line + i}: `{col}` is empty"
-                  for i, v in enumerate(table[col]) if v is None or not str(v).strip()]
-    if allowed is not None:
-        unknown = [f"line {first_line + i}: label {v!r}"
-                   for i, v in enumerate(table[section.label]) if str(v) not in allowed]
-    if empty:
-        raise DataError(f"{where}: {len(empty)} row(s) with empty text:\n    "
-                        + "\n    ".join(empty[:MAX_SHOWN]) + "\n  Fix: remove or fill these rows.")
-    if unknown:
-        raise DataError(f"{where}: {len(unknown)} row(s) with a label not in the label set "
-                        f"{labels}:\n    " + "\n    ".join(unknown[:MAX_SHOWN])
-                        + "\n  Fix: correct these labels, or list every label in `data.labels`.")
+    """Empty texts and unknown labels are errors naming the file line; nothing is dropped silently.
+    (Rows from `build` were checked already, with data.on_error; this guards direct callers.)"""
+    strict = section.model_copy(update={"on_error": "raise"})
+    report = validate.SplitReport("rows", where)
+    validate.check(ds, strict, report, lm=labels is None, first_line=first_line)
+    if labels is not None:
+        validate.check(ds, strict, report, labels=labels, first_line=first_line)

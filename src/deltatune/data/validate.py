@@ -1,0 +1,367 @@
+"""Bad rows: found, named (file, line, column, problem), and either raised or skipped and counted.
+
+Two passes:
+1. Before `datasets` reads a text file, each line is checked for what would break or silently bend
+   the reader: bytes that are not UTF-8, lines that are not a JSON object, rows with missing or extra
+   columns (against the CSV header, or the columns most JSON lines have), text that is not a string.
+   Under `data.on_error: skip` the good lines are copied to a cleaned file that `datasets` reads.
+2. On the loaded rows: missing or empty (whitespace-only) text, text over `data.max_chars`, missing
+   labels, labels outside the label set, validation classes that training never has, duplicate ids.
+
+Every row keeps its file line (column `__line__`) through splits, so messages point at the file.
+For each split, rows read = rows used + rows skipped (+ rows held out for a validation fraction).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from rich.console import Console
+
+from deltatune.data import sources
+from deltatune.errors import DataError
+
+MAX_SHOWN = 5  # offending rows quoted in an error, and kept as a sample in summary.json
+LINE = "__line__"
+console = Console(stderr=True)
+
+# kind -> (how a message describes rows of this kind, how to fix them)
+KINDS = {
+    "not UTF-8": ("that are not valid UTF-8", "re-save the file as UTF-8"),
+    "malformed JSON": ("that are not a valid JSON object", "fix these lines (one JSON object per line)"),
+    "columns": ("with missing or extra columns", "give every row the same columns"),
+    "unclosed quote": ("with a quote that is never closed",
+                       "close the quote (or escape it by doubling it: \"\"); this cannot be skipped, since "
+                       "every later line was read into one field"),
+    "missing value": ("with a missing value", "fill these values, or remove the rows"),
+    "not text": ("whose text is not a string", "make the text column hold strings"),
+    "empty text": ("with empty text", "remove or fill these rows"),
+    "over-long": ("longer than data.max_chars", "check these rows (a broken quote or a missing line break can merge "
+                                                "many rows into one), or raise data.max_chars"),
+    "duplicate id": ("with a duplicate id", "give every row its own id, or remove the duplicates"),
+    "unknown label": ("with a label not in the label set",
+                      "correct these labels, or list every label in `data.labels`"),
+    "class missing from training": ("whose label never occurs in the training data",
+                                    "add training rows with these labels, or remove them from the validation data "
+                                    "(a model cannot learn a class it never sees)"),
+}
+FATAL = {"unclosed quote"}  # raised even under on_error: skip
+
+
+@dataclass
+class Problem:
+    where: str  # "line 4", "lines 4-9", "row 3"
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.detail}"
+
+
+@dataclass
+class SplitReport:
+    name: str
+    where: str
+    unit: str = "line"  # "row" where the file has no lines (parquet, JSON arrays)
+    read: int = 0
+    held_out: int = 0
+    skipped: list[Problem] = field(default_factory=list)
+
+    @property
+    def used(self) -> int:
+        return self.read - len(self.skipped) - self.held_out
+
+    def as_dict(self) -> dict:
+        out = {"file": self.where, "rows_read": self.read, "rows_used": self.used, "rows_skipped": len(self.skipped)}
+        if self.held_out:
+            out["rows_held_out"] = self.held_out
+        out["skipped_by_problem"] = dict(Counter(p.kind for p in self.skipped))
+        out["skipped_sample"] = [str(p) for p in self.skipped[:MAX_SHOWN]]
+        return out
+
+
+def _raise(where: str, problems: list[Problem], extra: dict[str, str] | None = None) -> None:
+    blocks = []
+    for kind, _ in Counter(p.kind for p in problems).most_common():
+        rows = [p for p in problems if p.kind == kind]
+        phrase, fix = KINDS[kind]
+        shown = "\n    ".join(str(p) for p in rows[:MAX_SHOWN])
+        more = f"\n    (and {len(rows) - MAX_SHOWN} more)" if len(rows) > MAX_SHOWN else ""
+        blocks.append(f"{where}: {len(rows)} row(s) {phrase}{(extra or {}).get(kind, '')}:\n    "
+                      f"{shown}{more}\n  Fix: {fix}.")
+    tail = ("" if any(p.kind in FATAL for p in problems) else
+            "\n  Or set data.on_error=skip to drop bad rows (counted and sampled in the log and summary.json).")
+    raise DataError("\n".join(blocks) + tail)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: the file, line by line
+
+
+@dataclass
+class Scan:
+    good: list[tuple[int, int]]  # (first line, last line) of each good row
+    problems: list[Problem]
+    keep_lines: list[bytes]  # the file without its bad rows (header included)
+
+
+def _utf8(raw: bytes, n: int) -> tuple[str, Problem | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return raw.decode("utf-8", errors="replace"), Problem(
+            f"line {n}", "not UTF-8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid UTF-8")
+
+
+def scan_jsonl(path: Path, text_cols: list[str], label: str | None) -> Scan:
+    raw_lines = path.read_bytes().split(b"\n")
+    rows: list[tuple[int, frozenset]] = []
+    problems: list[Problem] = []
+    for n, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue  # blank lines are not rows (datasets skips them too)
+        text, bad = _utf8(raw, n)
+        if bad:
+            problems.append(bad)
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(f"line {n}", "malformed JSON", f"not valid JSON at column {e.colno}: {e.msg}"))
+            continue
+        if not isinstance(obj, dict):
+            problems.append(Problem(f"line {n}", "malformed JSON",
+                                    f"a JSON {type(obj).__name__}, where an object {{\"column\": value, ...}} belongs"))
+            continue
+        wrong = [c for c in text_cols if obj.get(c) is not None and not isinstance(obj[c], str)]
+        if wrong:
+            v = obj[wrong[0]]
+            problems.append(Problem(f"line {n}", "not text", f"`{wrong[0]}` holds {json.dumps(v)[:60]} "
+                                                             f"({type(v).__name__}), not a string"))
+            continue
+        if label and isinstance(obj.get(label), (list, dict)):
+            problems.append(Problem(f"line {n}", "not text", f"`{label}` holds a {type(obj[label]).__name__}, "
+                                                             f"not a single label"))
+            continue
+        rows.append((n, frozenset(obj)))
+    # The schema is what most lines have; a line with other keys has missing or extra columns.
+    schema = Counter(keys for _, keys in rows).most_common(1)[0][0] if rows else frozenset()
+    good = []
+    for n, keys in rows:
+        if keys == schema:
+            good.append((n, n))
+            continue
+        missing, extra = sorted(schema - keys), sorted(keys - schema)
+        parts = ([f"missing column(s) {', '.join(f'`{k}`' for k in missing)}"] if missing else []) + \
+                ([f"extra column(s) {', '.join(f'`{k}`' for k in extra)}"] if extra else [])
+        have = ", ".join(sorted(schema))
+        problems.append(Problem(f"line {n}", "columns", "; ".join(parts) + f" (most lines have: {have})"))
+    problems.sort(key=lambda p: int(p.where.split()[1]))
+    keep = [raw_lines[a - 1] + b"\n" for a, _ in good]
+    return Scan(good, problems, keep)
+
+
+def scan_csv(path: Path, tsv: bool, columns: list[str] | None) -> Scan:
+    raw_lines = path.read_bytes().splitlines(keepends=True)
+    decoded, bad_lines = [], {}
+    for n, raw in enumerate(raw_lines, 1):
+        text, bad = _utf8(raw, n)
+        decoded.append(text)
+        if bad:
+            bad_lines[n] = bad
+    limit = csv.field_size_limit()
+    csv.field_size_limit(sys.maxsize)  # a huge field is reported (over-long / unclosed quote), not a crash
+    try:
+        reader = (csv.reader(decoded, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(decoded))
+        header: list[str] | None = columns
+        if header is None:
+            header = next(reader, [])
+            if 1 in bad_lines:
+                raise DataError(f"{path}: the header line is not valid UTF-8 ({bad_lines[1].detail}). "
+                                f"Fix: re-save the file as UTF-8.")
+        first_data = reader.line_num + 1 if columns is None else 1
+        good, problems, end = [], [], reader.line_num
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not any(f.strip() for f in record) and start == end and len(record) <= 1:
+                continue  # a blank line: not a row (pandas skips these)
+            span = f"line {start}" if start == end else f"lines {start}-{end}"
+            bad = [bad_lines[i] for i in range(start, end + 1) if i in bad_lines]
+            if bad:
+                problems.append(Problem(bad[0].where, "not UTF-8", bad[0].detail))
+            elif len(record) != len(header):
+                if end == len(raw_lines) and end > start and not tsv and '"' in decoded[start - 1]:
+                    problems.append(Problem(span, "unclosed quote", f"a quote opened on line {start} never closes, "
+                                                                    f"so lines {start}-{end} read as one row"))
+                else:
+                    what = "missing" if len(record) < len(header) else "extra"
+                    problems.append(Problem(span, "columns", f"{len(record)} field(s) where the header has "
+                                                             f"{len(header)} ({', '.join(header)}): {what} column(s)"))
+            else:
+                good.append((start, end))
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: cannot be read as {'TSV' if tsv else 'CSV'}: {e}") from None
+    finally:
+        csv.field_size_limit(limit)
+    keep = raw_lines[:first_data - 1] + [b"".join(raw_lines[a - 1:b]) for a, b in good]
+    if keep and not keep[-1].endswith((b"\n", b"\r")):
+        keep[-1] += b"\n"
+    return Scan(good, problems, keep)
+
+
+def _cleaned_copy(path: Path, lines: list[bytes]) -> Path:
+    """The file without its bad rows, where `datasets` can read (and cache) it."""
+    data = b"".join(lines)
+    target = Path(datasets.config.HF_DATASETS_CACHE) / "deltatune-clean" / \
+        f"{hashlib.sha256(data).hexdigest()[:16]}-{path.name}"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return target
+
+
+def read(spec: str, section, name: str, lm: bool = False) -> tuple[datasets.Dataset, SplitReport]:
+    """Read one file through `datasets`, with its bad lines raised or skipped; rows carry their line."""
+    path = sources.resolve_path(spec)
+    report = SplitReport(name, str(path))
+    suffix = path.suffix.lower()
+    if suffix in sources.FORMATS and path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty. Fix: point data.{name} at a file with rows.")
+    text_cols = [c for c in (section.text, section.text_pair) if c]
+    scan = None
+    if suffix in (".jsonl", ".json") and path.read_bytes()[:4096].lstrip()[:1] != b"[":
+        scan = scan_jsonl(path, text_cols, None if lm else section.label)
+    elif sources.FORMATS.get(suffix) == "csv":
+        scan = scan_csv(path, suffix == ".tsv", section.columns)
+    source: str | Path = spec
+    if scan is not None:
+        report.read = len(scan.good) + len(scan.problems)
+        if report.read == 0:
+            raise DataError(f"{path}: no rows (the file holds only {'a header' if scan.keep_lines else 'blank lines'})."
+                            f" Fix: point data.{name} at a file with rows.")
+        if scan.problems:
+            if section.on_error == "raise" or any(p.kind in FATAL for p in scan.problems):
+                _raise(str(path), scan.problems)
+            report.skipped += scan.problems
+            if not scan.good:
+                raise DataError(f"{path}: all {report.read} rows are bad (first: {scan.problems[0]}). "
+                                f"Fix: {KINDS[scan.problems[0].kind][1]}.")
+            source = str(_cleaned_copy(path, scan.keep_lines))
+    ds = sources.read(str(source), section.columns)
+    if scan is not None:
+        if len(ds) != len(scan.good):  # never expected; a wrong line number would be worse than stopping
+            raise DataError(f"{path}: read {len(ds)} rows but found {len(scan.good)} in the file; cannot point at "
+                            f"lines reliably. Please report this with the file.")
+        lines = [a for a, _ in scan.good]
+    else:
+        report.unit, report.read = "row", len(ds)
+        lines = list(range(1, len(ds) + 1))
+    return ds.add_column(LINE, lines), report
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: the loaded rows
+
+
+def check(ds: datasets.Dataset, section, report: SplitReport, lm: bool = False, labels: list[str] | None = None,
+          train_labels: set[str] | None = None, first_line: int = 1) -> datasets.Dataset:
+    """Rows' values. With `labels`: labels only (outside the set; never in `train_labels`)."""
+    text_cols = [c for c in (section.text, section.text_pair) if c]
+    id_col = section.id or ("id" if "id" in ds.column_names else None)
+    label = None if lm else section.label
+    cols = [label] if labels is not None else text_cols + ([label] if label else []) + ([id_col] if id_col else [])
+    cols = [c for c in dict.fromkeys(cols) if c in ds.column_names]
+    if labels is None and id_col and id_col not in ds.column_names:
+        raise DataError(f"{report.where}: no id column `{id_col}` (set by `data.id`); columns are: "
+                        f"{', '.join(c for c in ds.column_names if c != LINE)}")
+    table = ds.select_columns(cols)[:]
+    where = [f"{report.unit} {n}" for n in (ds[LINE] if LINE in ds.column_names
+                                             else range(first_line, first_line + len(ds)))]
+    max_chars = section.max_chars or 1000 * section.max_length
+    allowed = set(labels) if labels is not None else None
+    problems: dict[int, Problem] = {}
+    seen: dict[str, str] = {}
+
+    def bad(i: int, kind: str, detail: str) -> None:
+        problems.setdefault(i, Problem(where[i], kind, detail))
+
+    for i in range(len(ds)):
+        if allowed is not None:
+            v = table[label][i]
+            if v is None:
+                bad(i, "missing value", f"`{label}` is missing")
+            elif str(v) not in allowed:
+                bad(i, "unknown label", f"label {str(v)!r}" + (" (no training row has it)" if train_labels is not None
+                                                                 else ""))
+            elif train_labels is not None and str(v) not in train_labels:
+                bad(i, "class missing from training", f"label {str(v)!r}")
+            continue
+        for c in text_cols:
+            v = table[c][i]
+            if v is None:
+                bad(i, "missing value", f"`{c}` is missing")
+            elif not isinstance(v, str):
+                bad(i, "not text", f"`{c}` holds {str(v)[:60]!r} ({type(v).__name__}), not a string")
+            elif not v.strip():
+                bad(i, "empty text", f"`{c}` is empty")
+            elif len(v) > max_chars:
+                bad(i, "over-long", f"`{c}` has {len(v):,} characters (data.max_chars={max_chars:,})")
+        if label and table[label][i] is None:
+            bad(i, "missing value", f"`{label}` is missing")
+        if id_col:
+            v = table[id_col][i]
+            if v is None:
+                bad(i, "missing value", f"`{id_col}` is missing")
+            elif str(v) in seen:
+                bad(i, "duplicate id", f"id {str(v)!r} again (first at {seen[str(v)]})")
+            else:
+                seen[str(v)] = where[i]
+    if not problems:
+        return ds
+    found = [problems[i] for i in sorted(problems)]
+    if section.on_error == "raise":
+        missing = sorted({p.detail.removeprefix("label ") for p in found if p.kind == "class missing from training"})
+        _raise(report.where, found, {"unknown label": f" {labels}",
+                                     "class missing from training": f" ({', '.join(missing)})"})
+    report.skipped += found
+    if len(problems) == len(ds):
+        raise DataError(f"{report.where}: every one of its {len(ds)} rows is bad (first: {found[0]}). "
+                        f"Fix: {KINDS[found[0].kind][1]}.")
+    return ds.select([i for i in range(len(ds)) if i not in problems])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def report(reports: list[SplitReport], splits: dict, max_length: int) -> dict:
+    """The `data` section of summary.json (per split), and a warning line for every skip or heavy truncation."""
+    out: dict = {}
+    for r in reports:
+        if r.read != r.used + len(r.skipped) + r.held_out:  # the promise: nothing leaves uncounted
+            raise AssertionError(f"row accounting broken for {r.name}: {r.as_dict()}")
+        out[r.name] = d = r.as_dict()
+        if r.skipped:
+            kinds = ", ".join(f"{n} {k}" for k, n in Counter(p.kind for p in r.skipped).most_common())
+            console.print(f"[yellow]warning:[/] data.{r.name}: skipped {len(r.skipped)} of {r.read} rows in "
+                          f"{r.where} ({kinds}); first: {r.skipped[0]}", highlight=False, soft_wrap=True)
+        split = splits.get(r.name)
+        if split is not None:
+            d["truncated"] = split.truncated
+            d["truncated_percent"] = round(100 * split.truncated / max(split.rows, 1), 2)
+            if split.rows and split.truncated / split.rows >= 0.10:
+                console.print(f"[yellow]warning:[/] {d['truncated_percent']:.0f}% of {r.name} rows "
+                              f"({split.truncated:,} of {split.rows:,}) are longer than data.max_length="
+                              f"{max_length} tokens and were cut. Fix: raise data.max_length if the cut text "
+                              f"matters.", highlight=False, soft_wrap=True)
+    return out
