@@ -64,6 +64,9 @@ class TrainSection(Section):
     log_every: int = Field(10, ge=1)
     compile: bool = False
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+    save_every: int | None = Field(None, ge=1, description="write a resumable checkpoint every N optimizer steps")
+    keep_last: int = Field(2, ge=1, description="resumable checkpoints kept (the best is always kept too)")
+    max_bad_steps: int = Field(3, ge=1, description="stop after this many non-finite steps in a row")
 
 
 class EvalSection(Section):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from deltatune.config import RunConfig
 from deltatune.data import DataBundle, Split
 from deltatune.data.batching import collate, eval_batches, length_grouped_batches, shard
-from deltatune.engine import checkpoint, embedding_grad, optim, precision
+from deltatune.engine import checkpoint, embedding_grad, faults, optim, precision, state
 from deltatune.engine.distributed import Dist
 from deltatune.engine.report import RunLog
 from deltatune.evaluation import metrics
@@ -58,7 +58,7 @@ def peak_rss_mb() -> float:
 
 
 def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, run_dir: Path, dist: Dist,
-          lr_scale=None) -> dict:
+          lr_scale=None, resume: Path | None = None) -> dict:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -93,8 +93,21 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     window_loss, window_items, window_tokens, window_norm, window_t = 0.0, 0.0, 0, 0.0, time.perf_counter()
     history: list[dict] = []
     wall_start = time.perf_counter()
+    # Non-finite steps are skipped and counted; resumable checkpoints every train.save_every steps.
+    guard = faults.NonFiniteGuard(tc, prec.name, state.checkpoints_dir(run_dir),
+                                  checkpoint.artifact_dir(run_dir, model) if data.validation is not None else None)
+    saver = state.Saver(run_dir, cfg, dist, model, optimizer, scheduler, scaler, guard, train_set, steps_per_epoch,
+                        total_steps)
 
     with RunLog(run_dir, dist.is_main, total_steps) as log, embedding_grad.row_buffered(model, dist.world) as rows:
+        if resume is not None:
+            p = saver.restore(resume, tokenizer, log)
+            step, best, best_step, best_metrics, bad_evals = (p["step"], p["best"], p["best_step"],
+                                                              p["best_metrics"], p["bad_evals"])
+            stopped_early, history, tokens_done, compute_s = (p["stopped_early"], p["history"], p["tokens_done"],
+                                                              p["compute_s"])
+            window_loss, window_items, window_norm = p["window_loss"], p["window_items"], p["window_norm"]
+            log.progress.update(log.task, completed=step)
         log.print(f"[dim]precision {prec.name} ({prec.reason}); {trainable:,} of {total:,} parameters train; "
                   f"{total_steps} steps of {global_batch} examples; heap kept mapped: {heap_tuned}; "
                   f"embedding gradient row-buffered: {rows}")
@@ -126,7 +139,11 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = clip_gradients(optimizer, tc.max_grad_norm, fold=scaler is None)
-                if scaler:
+                skipped = guard.skip(step + 1, step_loss, grad_norm, scaler is not None, scheduler.get_last_lr()[0],
+                                     log)
+                if skipped:
+                    pass  # nothing non-finite reaches the optimizer (or the weights)
+                elif scaler:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
@@ -135,9 +152,10 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 compute_s += time.perf_counter() - t0
-                window_loss += float(step_loss)
-                window_norm = max(window_norm, float(grad_norm))
-                window_items += n_items / dist.world
+                if not skipped:
+                    window_loss += float(step_loss)
+                    window_norm = max(window_norm, float(grad_norm))
+                    window_items += n_items / dist.world
 
                 if step % tc.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_t
@@ -157,7 +175,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     history.append(result)
                     log.write({"eval": result})
                     value = result[cfg.metric]
-                    if metrics.improved(cfg.metric, value, best):
+                    if math.isfinite(value) and metrics.improved(cfg.metric, value, best):
                         best, best_step, best_metrics, bad_evals = value, step, result, 0
                         if dist.is_main:
                             checkpoint.save(model, tokenizer, run_dir)
@@ -170,6 +188,12 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     if cfg.eval.patience and bad_evals >= cfg.eval.patience:
                         log.print(f"early stop: no {cfg.metric} improvement in {bad_evals} evals")
                         stopped_early = True
+                if saver.due(step, best_step == step):
+                    saver.save(step, best=best, best_step=best_step, best_metrics=best_metrics, bad_evals=bad_evals,
+                               stopped_early=stopped_early, history=history, tokens_done=tokens_done,
+                               compute_s=compute_s, window_loss=window_loss, window_items=window_items,
+                               window_norm=window_norm)
+                faults.kill_point("step")  # tests: a process killed between steps
                 if step >= total_steps or stopped_early:
                     break
 
@@ -189,6 +213,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
                           "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups],
         "attention": getattr(model.config, "_attn_implementation", None),
+        "skipped_steps": guard.skipped, "resumed_from": str(resume) if resume else None,
+        "last_checkpoint": str(state.latest(saver.dir) or "") or None,
     }
 
 
