@@ -23,7 +23,7 @@ from deltatune import config as config_mod
 from deltatune import data as data_mod
 from deltatune import methods, models
 from deltatune.config import RunConfig
-from deltatune.data import sources
+from deltatune.data import sources, validate
 from deltatune.data.batching import collate, eval_batches
 from deltatune.data.build import tokenize_split
 from deltatune.engine import checkpoint, distributed, faults, loop, precision, state
@@ -44,6 +44,9 @@ def preflight(cfg: RunConfig, resuming: bool = False) -> None:
     if cfg.task not in method.tasks:
         raise ConfigError(f"method.name={cfg.method.name} does not support task `{cfg.task}`: {method.why_not_task} "
                           f"Fix: use one of the methods listed by `deltatune methods` for {cfg.task}.")
+    from deltatune import preflight as checks
+
+    checks.run(cfg)  # more combinations that cannot work (QLoRA, early stopping, a model's own code)
     out = Path(cfg.output.dir)
     if (out / "summary.json").exists() and not cfg.output.overwrite and not resuming:
         raise ConfigError(f"output.dir: {out} already holds a finished run. Fix: choose another output.dir "
@@ -227,11 +230,18 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     """Metrics of a saved run on a labelled file (default: the run's own validation data)."""
     run = load_run(run_dir)
     section = run.config.data.model_copy()
+    skipped = 0
     if data_file is not None:
-        raw = sources.read(data_file, section.columns)
+        lm = run.config.task != "classification"
+        raw, report = validate.read(data_file, section, "eval", lm)  # data.on_error as the run had it
         label = section.label if run.config.task == "classification" else None
         sources.require_columns(raw, {"data.text": section.text, "data.text_pair": section.text_pair,
                                       "data.label": label}, data_file)
+        raw = validate.check(raw, section, report, lm)
+        if not lm:
+            raw = validate.check(raw, section, report, labels=run.labels)
+        validate.report([report], {}, section.max_length)
+        skipped = len(report.skipped)
         split = tokenize_split("eval", raw, section, run.tokenizer, run.labels, data_file,
                                with_labels=run.config.task == "classification")
     else:
@@ -244,6 +254,7 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     result = loop.evaluate(run.model, split, len(run.labels), prec, device, run.tokenizer.pad_token_id,
                            run.config.eval.batch_size, lm=run.config.task != "classification")
     result["rows"] = split.rows
+    result["rows_skipped"] = skipped
     result["truncated"] = split.truncated
     return result
 
