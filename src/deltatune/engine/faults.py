@@ -28,8 +28,9 @@ class NumericalError(DeltatuneError):
 class NonFiniteGuard:
     """Counts skipped steps; raises NumericalError after `limit` non-finite steps in a row."""
 
-    def __init__(self, tc, precision: str, checkpoints: Path, best_model: Path | None):
+    def __init__(self, tc, precision: str, checkpoints: Path, best_model: Path | None, dist=None):
         self.limit, self.lr, self.clip, self.precision = tc.max_bad_steps, tc.lr, tc.max_grad_norm, precision
+        self.dist = dist
         self.checkpoints, self.best_model = checkpoints, best_model
         self.skipped, self.in_a_row, self.first_bad = 0, 0, 0
 
@@ -41,11 +42,18 @@ class NonFiniteGuard:
         the step itself and lowers its scale, so that is not counted as a fault here.
         """
         loss_ok, norm_ok = math.isfinite(float(loss)), math.isfinite(float(grad_norm))
-        if loss_ok and (norm_ok or scaled):
+        fine = loss_ok and (norm_ok or scaled)
+        if self.dist is not None and self.dist.world > 1:
+            # The loss is per process: every rank must take the same decision, or their weights drift apart.
+            loss_ok = self.dist.all_sum(0.0 if loss_ok else 1.0) == 0
+            fine = self.dist.all_sum(0.0 if fine else 1.0) == 0
+        if fine:
             self.in_a_row = 0
             return False
         what = "loss" if not loss_ok else "gradient norm"
         value = float(loss) if not loss_ok else float(grad_norm)
+        if math.isfinite(value):  # not here, but on another process
+            value = "not finite on another process"  # type: ignore[assignment]
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row == 1:

@@ -94,8 +94,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     history: list[dict] = []
     wall_start = time.perf_counter()
     # Non-finite steps are skipped and counted; resumable checkpoints every train.save_every steps.
-    guard = faults.NonFiniteGuard(tc, prec.name, state.checkpoints_dir(run_dir),
-                                  checkpoint.artifact_dir(run_dir, model) if data.validation is not None else None)
+    best_path = checkpoint.artifact_dir(run_dir, model) if data.validation is not None else None
+    guard = faults.NonFiniteGuard(tc, prec.name, state.checkpoints_dir(run_dir), best_path, dist)
     saver = state.Saver(run_dir, cfg, dist, model, optimizer, scheduler, scaler, guard, train_set, steps_per_epoch,
                         total_steps)
 

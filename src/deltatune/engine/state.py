@@ -296,7 +296,7 @@ class Saver:
                               f"trained on (fingerprint of the tokenized rows). Fix: restore the original data "
                               f"files, or start a new run in another output.dir.")
         device = next(self.model.parameters()).device
-        best = self.dir / f"step-{meta['best_step']:06d}"
+        best = Path(path).parent / f"step-{meta['best_step']:06d}"
         if self.dist.is_main:
             # The saved best model may come from steps after this checkpoint (a branch the kill cut off):
             # rewrite it from the best checkpoint, or remove it, so that it matches the restored best state.
