@@ -136,8 +136,10 @@ def test_kill_and_resume_equals_uninterrupted(case, reference, dropout_bert, toy
         kill = f"artifact:{rng.randint(1, 2)}"
     else:
         external_at = rng.randint(2, STEPS - 8)
-    resumed = killed_then_resumed(cfg, tmp_path, kill, external_at)
     note = f"seed {SEED}, kill {kill or f'external after step {external_at}'}"
+    print(f"\n[{case}] {note}", end="; ")
+    resumed = killed_then_resumed(cfg, tmp_path, kill, external_at)
+    print(f"resumed from {resumed['resumed_from']}", end="")
     assert resumed["resumed_from"] is None or Path(resumed["resumed_from"]).parent == tmp_path / "run" / "checkpoints"
     assert not any(p.name.startswith(".") for p in (tmp_path / "run" / "checkpoints").iterdir()), note
     assert_same_run(Path(ref_cfg.output.dir), tmp_path / "run", ref, resumed)

@@ -108,9 +108,10 @@ def _raise(where: str, problems: list[Problem], extra: dict[str, str] | None = N
 
 @dataclass
 class Scan:
+    """What pass 1 found. Files are streamed line by line, never held in memory whole."""
     good: list[tuple[int, int]]  # (first line, last line) of each good row
     problems: list[Problem]
-    keep_lines: list[bytes]  # the file without its bad rows (header included)
+    header_lines: int = 0  # leading lines (a CSV header) that a cleaned copy keeps
 
 
 def _utf8(raw: bytes, n: int) -> tuple[str, Problem | None]:
@@ -122,73 +123,83 @@ def _utf8(raw: bytes, n: int) -> tuple[str, Problem | None]:
 
 
 def scan_jsonl(path: Path, text_cols: list[str], label: str | None) -> Scan:
-    raw_lines = path.read_bytes().split(b"\n")
-    rows: list[tuple[int, frozenset]] = []
+    rows: list[tuple[int, int]] = []  # (line, id of its key set)
+    keysets: dict[frozenset, int] = {}
     problems: list[Problem] = []
-    for n, raw in enumerate(raw_lines, 1):
-        if not raw.strip():
-            continue  # blank lines are not rows (datasets skips them too)
-        text, bad = _utf8(raw, n)
-        if bad:
-            problems.append(bad)
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(f"line {n}", "malformed JSON", f"not valid JSON at column {e.colno}: {e.msg}"))
-            continue
-        if not isinstance(obj, dict):
-            problems.append(Problem(f"line {n}", "malformed JSON",
-                                    f"a JSON {type(obj).__name__}, where an object {{\"column\": value, ...}} belongs"))
-            continue
-        wrong = [c for c in text_cols if obj.get(c) is not None and not isinstance(obj[c], str)]
-        if wrong:
-            v = obj[wrong[0]]
-            problems.append(Problem(f"line {n}", "not text", f"`{wrong[0]}` holds {json.dumps(v)[:60]} "
-                                                             f"({type(v).__name__}), not a string"))
-            continue
-        if label and isinstance(obj.get(label), (list, dict)):
-            problems.append(Problem(f"line {n}", "not text", f"`{label}` holds a {type(obj[label]).__name__}, "
-                                                             f"not a single label"))
-            continue
-        rows.append((n, frozenset(obj)))
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue  # blank lines are not rows (datasets skips them too)
+            text, bad = _utf8(raw.rstrip(b"\r\n"), n)
+            if bad:
+                problems.append(bad)
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                problems.append(Problem(f"line {n}", "malformed JSON", f"not valid JSON at column {e.colno}: {e.msg}"))
+                continue
+            if not isinstance(obj, dict):
+                problems.append(Problem(f"line {n}", "malformed JSON", f"a JSON {type(obj).__name__}, where an "
+                                                                       f"object {{\"column\": value, ...}} belongs"))
+                continue
+            wrong = [c for c in text_cols if obj.get(c) is not None and not isinstance(obj[c], str)]
+            if wrong:
+                v = obj[wrong[0]]
+                problems.append(Problem(f"line {n}", "not text", f"`{wrong[0]}` holds {json.dumps(v)[:60]} "
+                                                                 f"({type(v).__name__}), not a string"))
+                continue
+            if label and isinstance(obj.get(label), (list, dict)):
+                problems.append(Problem(f"line {n}", "not text", f"`{label}` holds a {type(obj[label]).__name__}, "
+                                                                 f"not a single label"))
+                continue
+            rows.append((n, keysets.setdefault(frozenset(obj), len(keysets))))
     # The schema is what most lines have; a line with other keys has missing or extra columns.
-    schema = Counter(keys for _, keys in rows).most_common(1)[0][0] if rows else frozenset()
+    common = Counter(k for _, k in rows).most_common(1)[0][0] if rows else -1
+    by_id = {i: keys for keys, i in keysets.items()}
+    schema = by_id.get(common, frozenset())
     good = []
-    for n, keys in rows:
-        if keys == schema:
+    for n, k in rows:
+        if k == common:
             good.append((n, n))
             continue
+        keys = by_id[k]
         missing, extra = sorted(schema - keys), sorted(keys - schema)
-        parts = ([f"missing column(s) {', '.join(f'`{k}`' for k in missing)}"] if missing else []) + \
-                ([f"extra column(s) {', '.join(f'`{k}`' for k in extra)}"] if extra else [])
+        parts = ([f"missing column(s) {', '.join(f'`{c}`' for c in missing)}"] if missing else []) + \
+                ([f"extra column(s) {', '.join(f'`{c}`' for c in extra)}"] if extra else [])
         have = ", ".join(sorted(schema))
         problems.append(Problem(f"line {n}", "columns", "; ".join(parts) + f" (most lines have: {have})"))
     problems.sort(key=lambda p: int(p.where.split()[1]))
-    keep = [raw_lines[a - 1] + b"\n" for a, _ in good]
-    return Scan(good, problems, keep)
+    return Scan(good, problems)
 
 
 def scan_csv(path: Path, tsv: bool, columns: list[str] | None) -> Scan:
-    raw_lines = path.read_bytes().splitlines(keepends=True)
-    decoded, bad_lines = [], {}
-    for n, raw in enumerate(raw_lines, 1):
-        text, bad = _utf8(raw, n)
-        decoded.append(text)
-        if bad:
-            bad_lines[n] = bad
+    bad_lines: dict[int, Problem] = {}
+    total = [0]
+
+    def lines():
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                total[0] = n
+                text, bad = _utf8(raw, n)
+                if bad:
+                    bad_lines[n] = bad
+                yield text
+
     limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)  # a huge field is reported (over-long / unclosed quote), not a crash
+    source = lines()
+    reader = csv.reader(source, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(source)
     try:
-        reader = (csv.reader(decoded, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(decoded))
         header: list[str] | None = columns
         if header is None:
             header = next(reader, [])
             if 1 in bad_lines:
                 raise DataError(f"{path}: the header line is not valid UTF-8 ({bad_lines[1].detail}). "
                                 f"Fix: re-save the file as UTF-8.")
-        first_data = reader.line_num + 1 if columns is None else 1
+        header_lines = reader.line_num if columns is None else 0
         good, problems, end = [], [], reader.line_num
+        open_quote: tuple[int, int, int] | None = None
         for record in reader:
             start, end = end + 1, reader.line_num
             if not any(f.strip() for f in record) and start == end and len(record) <= 1:
@@ -198,35 +209,44 @@ def scan_csv(path: Path, tsv: bool, columns: list[str] | None) -> Scan:
             if bad:
                 problems.append(Problem(bad[0].where, "not UTF-8", bad[0].detail))
             elif len(record) != len(header):
-                if end == len(raw_lines) and end > start and not tsv and '"' in decoded[start - 1]:
-                    problems.append(Problem(span, "unclosed quote", f"a quote opened on line {start} never closes, "
-                                                                    f"so lines {start}-{end} read as one row"))
-                else:
-                    what = "missing" if len(record) < len(header) else "extra"
-                    problems.append(Problem(span, "columns", f"{len(record)} field(s) where the header has "
-                                                             f"{len(header)} ({', '.join(header)}): {what} column(s)"))
+                what = "missing" if len(record) < len(header) else "extra"
+                problems.append(Problem(span, "columns", f"{len(record)} field(s) where the header has "
+                                                         f"{len(header)} ({', '.join(header)}): {what} column(s)"))
+                if not tsv and end > start and any("\n" in f for f in record):
+                    open_quote = (len(problems) - 1, start, end)
             else:
                 good.append((start, end))
+        # A quote that never closes swallows every later line into one field, up to the end of the file.
+        if open_quote and open_quote[2] == end == total[0]:
+            i, start, end = open_quote
+            why = f"a quote opened on line {start} never closes, so lines {start}-{end} read as one row"
+            problems[i] = Problem(f"lines {start}-{end}", "unclosed quote", why)
     except csv.Error as e:
         raise DataError(f"{path}: line {reader.line_num}: cannot be read as {'TSV' if tsv else 'CSV'}: {e}") from None
     finally:
         csv.field_size_limit(limit)
-    keep = raw_lines[:first_data - 1] + [b"".join(raw_lines[a - 1:b]) for a, b in good]
-    if keep and not keep[-1].endswith((b"\n", b"\r")):
-        keep[-1] += b"\n"
-    return Scan(good, problems, keep)
+    return Scan(good, problems, header_lines)
 
 
-def _cleaned_copy(path: Path, lines: list[bytes]) -> Path:
-    """The file without its bad rows, where `datasets` can read (and cache) it."""
-    data = b"".join(lines)
-    target = Path(datasets.config.HF_DATASETS_CACHE) / "deltatune-clean" / \
-        f"{hashlib.sha256(data).hexdigest()[:16]}-{path.name}"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+def _cleaned_copy(path: Path, scan: Scan) -> Path:
+    """The file without its bad rows (streamed), where `datasets` can read (and cache) it."""
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "deltatune-clean"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    h = hashlib.sha256()
+    ranges = iter(scan.good)
+    current = next(ranges, None)
+    with open(path, "rb") as src, open(tmp, "wb") as out:
+        for n, raw in enumerate(src, 1):
+            while current is not None and current[1] < n:
+                current = next(ranges, None)
+            if n <= scan.header_lines or (current is not None and current[0] <= n <= current[1]):
+                if not raw.endswith((b"\n", b"\r")):
+                    raw += b"\n"
+                out.write(raw)
+                h.update(raw)
+    target = folder / f"{h.hexdigest()[:16]}-{path.name}"
+    os.replace(tmp, target)
     return target
 
 
@@ -239,7 +259,9 @@ def read(spec: str, section, name: str, lm: bool = False) -> tuple[datasets.Data
         raise DataError(f"{path}: the file is empty. Fix: point data.{name} at a file with rows.")
     text_cols = [c for c in (section.text, section.text_pair) if c]
     scan = None
-    if suffix in (".jsonl", ".json") and path.read_bytes()[:4096].lstrip()[:1] != b"[":
+    with open(path, "rb") as f:
+        json_array = f.read(4096).lstrip()[:1] == b"["
+    if suffix in (".jsonl", ".json") and not json_array:
         scan = scan_jsonl(path, text_cols, None if lm else section.label)
     elif sources.FORMATS.get(suffix) == "csv":
         scan = scan_csv(path, suffix == ".tsv", section.columns)
@@ -247,8 +269,9 @@ def read(spec: str, section, name: str, lm: bool = False) -> tuple[datasets.Data
     if scan is not None:
         report.read = len(scan.good) + len(scan.problems)
         if report.read == 0:
-            raise DataError(f"{path}: no rows (the file holds only {'a header' if scan.keep_lines else 'blank lines'})."
-                            f" Fix: point data.{name} at a file with rows.")
+            only = "a header" if scan.header_lines else "blank lines"
+            raise DataError(f"{path}: no rows (the file holds only {only}). "
+                            f"Fix: point data.{name} at a file with rows.")
         if scan.problems:
             if section.on_error == "raise" or any(p.kind in FATAL for p in scan.problems):
                 _raise(str(path), scan.problems)
@@ -256,7 +279,7 @@ def read(spec: str, section, name: str, lm: bool = False) -> tuple[datasets.Data
             if not scan.good:
                 raise DataError(f"{path}: all {report.read} rows are bad (first: {scan.problems[0]}). "
                                 f"Fix: {KINDS[scan.problems[0].kind][1]}.")
-            source = str(_cleaned_copy(path, scan.keep_lines))
+            source = str(_cleaned_copy(path, scan))
     ds = sources.read(str(source), section.columns)
     if scan is not None:
         if len(ds) != len(scan.good):  # never expected; a wrong line number would be worse than stopping
@@ -352,7 +375,7 @@ def report(reports: list[SplitReport], splits: dict, max_length: int) -> dict:
             raise AssertionError(f"row accounting broken for {r.name}: {r.as_dict()}")
         out[r.name] = d = r.as_dict()
         if r.skipped:
-            kinds = ", ".join(f"{n} {k}" for k, n in Counter(p.kind for p in r.skipped).most_common())
+            kinds = ", ".join(f"{k}: {n}" for k, n in Counter(p.kind for p in r.skipped).most_common())
             console.print(f"[yellow]warning:[/] data.{r.name}: skipped {len(r.skipped)} of {r.read} rows in "
                           f"{r.where} ({kinds}); first: {r.skipped[0]}", highlight=False, soft_wrap=True)
         split = splits.get(r.name)
