@@ -307,16 +307,15 @@ def check(ds: datasets.Dataset, section, report: SplitReport, lm: bool = False, 
     if labels is None and id_col and id_col not in ds.column_names:
         raise DataError(f"{report.where}: no id column `{id_col}` (set by `data.id`); columns are: "
                         f"{', '.join(c for c in ds.column_names if c != LINE)}")
-    table = ds.select_columns(cols)[:]
-    where = [f"{report.unit} {n}" for n in (ds[LINE] if LINE in ds.column_names
-                                             else range(first_line, first_line + len(ds)))]
+    table = ds.select_columns(cols + ([LINE] if LINE in ds.column_names else []))[:]
+    lines = table[LINE] if LINE in table else range(first_line, first_line + len(ds))
     max_chars = section.max_chars or 1000 * section.max_length
     allowed = set(labels) if labels is not None else None
     problems: dict[int, Problem] = {}
-    seen: dict[str, str] = {}
+    seen: dict[str, int] = {}
 
     def bad(i: int, kind: str, detail: str) -> None:
-        problems.setdefault(i, Problem(where[i], kind, detail))
+        problems.setdefault(i, Problem(f"{report.unit} {lines[i]}", kind, detail))
 
     for i in range(len(ds)):
         if allowed is not None:
@@ -346,9 +345,9 @@ def check(ds: datasets.Dataset, section, report: SplitReport, lm: bool = False, 
             if v is None:
                 bad(i, "missing value", f"`{id_col}` is missing")
             elif str(v) in seen:
-                bad(i, "duplicate id", f"id {str(v)!r} again (first at {seen[str(v)]})")
+                bad(i, "duplicate id", f"id {str(v)!r} again (first at {report.unit} {seen[str(v)]})")
             else:
-                seen[str(v)] = where[i]
+                seen[str(v)] = lines[i]
     if not problems:
         return ds
     found = [problems[i] for i in sorted(problems)]
