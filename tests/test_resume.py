@@ -327,3 +327,21 @@ def test_resume_through_the_command_line(reference, tmp_path):
     finally:
         _sys.argv = argv
     assert e.value.code == 2
+
+
+def test_a_best_model_swap_cut_by_a_kill_is_repaired_by_the_next_command(reference, tmp_path, capsys):
+    """Killed between moving the old best model aside and renaming the new one in: the next command that
+    reads the run puts the complete old copy back (a partial new one is dropped), and says the run is
+    unfinished."""
+    cfg, _ = reference["full"]
+    run = tmp_path / "run"
+    shutil.copytree(cfg.output.dir, run)
+    (run / "summary.json").unlink()
+    before = load_file(run / "model" / "model.safetensors")
+    (run / "model").rename(run / ".model.old")
+    (run / ".model.tmp").mkdir()
+    (run / ".model.tmp" / "model.safetensors").write_bytes(b"partial")
+    loaded = api.load_run(run)
+    assert "did not finish" in " ".join(capsys.readouterr().err.split())
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith((".", "model"))) == ["model"]
+    assert all(torch.equal(before[k], loaded.model.state_dict()[k]) for k in before)
