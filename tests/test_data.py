@@ -123,5 +123,6 @@ def test_builtin_datasets_from_packages(name):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == ds.rows
     df = pd.read_json(path, lines=True)
-    assert sorted(df["label"].unique()) == list(ds.labels)
-    assert df["text"].str.strip().str.len().min() > 0
+    text, label = ("input", "output") if "instruction" in df.columns else ("text", "label")  # sft rows
+    assert sorted(df[label].unique()) == list(ds.labels)
+    assert df[text].str.strip().str.len().min() > 0

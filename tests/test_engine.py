@@ -151,3 +151,19 @@ def test_row_buffered_embedding_gradient_equals_autograd():
     assert buf.emb.weight.grad is None
     with row_buffered(buf, world=2) as used:
         assert not used  # DDP must see autograd's gradient
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradient_checkpointing_trains_the_same_weights(make_config, tiny_llama, tmp_path, method):
+    """Recomputing activations changes memory, not results (fp32, no dropout in the tiny LLaMA)."""
+    from safetensors.torch import load_file as load
+
+    common = {"data.validation": None, "train.max_steps": 4, "method.name": method, "task": "classification"}
+    runs = []
+    for gc in (False, True):
+        out = tmp_path / f"gc-{gc}"
+        s = api.train(make_config(tiny_llama, **common, **{"train.gradient_checkpointing": gc,
+                                                            "output.dir": str(out)}))
+        assert s["gradient_checkpointing"] is gc
+        runs.append(load(next(out.glob("*/*.safetensors"))))
+    assert max_diff(*runs) < 1e-5

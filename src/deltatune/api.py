@@ -23,16 +23,16 @@ from deltatune import config as config_mod
 from deltatune import data as data_mod
 from deltatune import methods, models
 from deltatune.config import RunConfig
-from deltatune.data import sources
+from deltatune.data import sources, validate
 from deltatune.data.batching import collate, eval_batches
 from deltatune.data.build import tokenize_split
-from deltatune.engine import checkpoint, distributed, loop, precision
+from deltatune.engine import checkpoint, distributed, faults, loop, precision, state
 from deltatune.engine.report import console, summary_table
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods import lora as lora_mod
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, resuming: bool = False) -> None:
     """Refuse combinations that cannot work before any weight is loaded."""
     precision.resolve(cfg.train.precision, _default_device())
     from deltatune.evaluation.metrics import TASK_METRICS
@@ -44,16 +44,11 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.task not in method.tasks:
         raise ConfigError(f"method.name={cfg.method.name} does not support task `{cfg.task}`: {method.why_not_task} "
                           f"Fix: use one of the methods listed by `deltatune methods` for {cfg.task}.")
-    if cfg.data.packing and cfg.task == "classification":
-        raise ConfigError("data.packing=true does not apply to task classification: each text gets its own label "
-                          "from its own sequence. Fix: remove data.packing (dynamic padding and length grouping "
-                          "already keep padding low), or use task causal_lm / sft.")
-    if cfg.data.packing and cfg.method.name in ("prompt_tuning", "p_tuning", "prefix_tuning"):
-        raise ConfigError(f"data.packing=true cannot be combined with method.name={cfg.method.name}: soft prompts "
-                          f"are added once per sequence, so packed examples would share one prompt and the "
-                          f"position ids would no longer line up. Fix: set data.packing=false, or use lora.")
+    from deltatune import preflight as checks
+
+    checks.run(cfg)  # more combinations that cannot work (QLoRA, early stopping, a model's own code)
     out = Path(cfg.output.dir)
-    if (out / "summary.json").exists() and not cfg.output.overwrite:
+    if (out / "summary.json").exists() and not cfg.output.overwrite and not resuming:
         raise ConfigError(f"output.dir: {out} already holds a finished run. Fix: choose another output.dir "
                           f"or set output.overwrite=true.")
 
@@ -62,17 +57,26 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(cfg: RunConfig) -> dict:
-    """Fine-tune as `cfg` says; returns the summary also written to `<output.dir>/summary.json`."""
-    preflight(cfg)
-    dist = distributed.setup()
+def train(cfg: RunConfig, resume: str | None = None) -> dict:
+    """Fine-tune as `cfg` says; returns the summary also written to `<output.dir>/summary.json`.
+
+    resume: `auto` continues from the newest complete checkpoint in output.dir (or starts fresh when
+    there is none), a path continues from that checkpoint. See docs/reliability.md.
+    """
     run_dir = Path(cfg.output.dir)
+    if resume == "auto" and (run_dir / "summary.json").exists():
+        console.print(f"--resume auto: {run_dir} holds a finished run; nothing to resume.", highlight=False,
+                      soft_wrap=True)
+        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    resume_from = state.resolve(cfg, resume)
+    if resume == "auto" and resume_from is None:
+        console.print(f"--resume auto: no complete checkpoint in {state.checkpoints_dir(run_dir)}; starting "
+                      f"from the beginning.", highlight=False, soft_wrap=True)
+    preflight(cfg, resuming=resume_from is not None)
+    dist = distributed.setup()
     try:
         if dist.is_main:
-            if cfg.output.overwrite and run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+            _prepare_run_dir(cfg, run_dir, resume_from, fresh_ok=resume == "auto")
         dist.barrier()
         t0 = time.perf_counter()
         loop.seed_everything(cfg.train.seed)
@@ -96,8 +100,14 @@ def train(cfg: RunConfig) -> dict:
                           f"({100 * trainable / total:.3f}%)", highlight=False)
         setup_s = time.perf_counter() - t0
         lr_scale = methods.REGISTRY[cfg.method.name].lr_scale
-        result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist,
-                            lr_scale=(lambda name: lr_scale(cfg.method, name)) if lr_scale else None)
+        try:
+            result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist,
+                                lr_scale=(lambda name: lr_scale(cfg.method, name)) if lr_scale else None,
+                                resume=resume_from)
+        except (RuntimeError, MemoryError) as e:
+            if not faults.is_oom(e):
+                raise
+            raise faults.out_of_memory(e, cfg, dist.device) from None
         artifact = checkpoint.artifact_dir(run_dir, model)
         summary = {"run_dir": str(run_dir), "task": cfg.task, "model": cfg.model.name, "method": cfg.method.name,
                    "labels": bundle.labels, "data": bundle.stats, "setup_seconds": round(setup_s, 2),
@@ -109,6 +119,42 @@ def train(cfg: RunConfig) -> dict:
         return summary
     finally:
         distributed.teardown(dist)
+
+
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_from: Path | None, fresh_ok: bool) -> None:
+    """Make output.dir ready: a resume keeps everything up to its checkpoint; a fresh start never mixes
+    with (or silently deletes) what an unfinished run left there."""
+    checkpoint.recover(run_dir)
+    ckdir = state.checkpoints_dir(run_dir)
+    removed = state.remove_debris(ckdir)
+    if removed:
+        console.print(f"removed incomplete checkpoint(s) left by a killed process: {', '.join(removed)}",
+                      highlight=False, soft_wrap=True)
+    if resume_from is not None:
+        step = state.step_of(resume_from)
+        newer = [p for p in state.complete(ckdir) if state.step_of(p) > step]
+        for p in newer:  # an abandoned branch: `--resume auto` must never pick it up later
+            state.delete(p)
+        if newer:
+            console.print(f"removed {len(newer)} checkpoint(s) newer than {resume_from.name} (the branch this "
+                          f"resume abandons): {', '.join(p.name for p in newer)}", highlight=False, soft_wrap=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)  # finished again only when this resume finishes
+        state.truncate_metrics(run_dir, step)
+    elif run_dir.exists() and cfg.output.overwrite:
+        shutil.rmtree(run_dir)
+    elif run_dir.exists() and not (run_dir / "summary.json").exists() and (left := state.leftovers(run_dir)):
+        if not fresh_ok:
+            raise ConfigError(f"output.dir: {run_dir} holds an unfinished run ({', '.join(left)}). Fix: "
+                              f"`deltatune train CONFIG --resume auto` to continue it from its newest checkpoint, "
+                              f"output.overwrite=true to start it over, or another output.dir.")
+        console.print(f"starting over in {run_dir}: replacing what the unfinished run left ({', '.join(left)})",
+                      highlight=False, soft_wrap=True)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if resume_from is not None:
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"resume": {"from": str(resume_from), "step": state.step_of(resume_from)}}) + "\n")
 
 
 def _load_kwargs(cfg: RunConfig, device: torch.device) -> dict:
@@ -140,11 +186,15 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     path = Path(run_dir)
+    checkpoint.recover(path)  # a save killed between its two renames left the complete old copy aside
     for needed in ("config.yaml", "labels.json"):
         if not (path / needed).exists() or not ((path / "model").exists() or (path / "adapter").exists()):
             raise DeltatuneError(f"{path}: not a finished deltatune run (missing {needed}). "
                                  f"Fix: pass the output.dir of a run that completed `deltatune train`.")
     cfg = config_mod.load(path / "config.yaml")
+    if not (path / "summary.json").exists():
+        console.print(f"note: {path} is a run that did not finish (no summary.json); using the best model it "
+                      f"saved before it stopped.", highlight=False, soft_wrap=True)
     labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
     if (path / "adapter").exists():
         # The base comes from where the run found it; the adapter (and the trained head) from the run.
@@ -180,11 +230,18 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     """Metrics of a saved run on a labelled file (default: the run's own validation data)."""
     run = load_run(run_dir)
     section = run.config.data.model_copy()
+    skipped = 0
     if data_file is not None:
-        raw = sources.read(data_file, section.columns)
+        lm = run.config.task != "classification"
+        raw, report = validate.read(data_file, section, "eval", lm)  # data.on_error as the run had it
         label = section.label if run.config.task == "classification" else None
         sources.require_columns(raw, {"data.text": section.text, "data.text_pair": section.text_pair,
                                       "data.label": label}, data_file)
+        raw = validate.check(raw, section, report, lm)
+        if not lm:
+            raw = validate.check(raw, section, report, labels=run.labels)
+        validate.report([report], {}, section.max_length)
+        skipped = len(report.skipped)
         split = tokenize_split("eval", raw, section, run.tokenizer, run.labels, data_file,
                                with_labels=run.config.task == "classification")
     else:
@@ -197,6 +254,7 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     result = loop.evaluate(run.model, split, len(run.labels), prec, device, run.tokenizer.pad_token_id,
                            run.config.eval.batch_size, lm=run.config.task != "classification")
     result["rows"] = split.rows
+    result["rows_skipped"] = skipped
     result["truncated"] = split.truncated
     return result
 

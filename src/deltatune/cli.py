@@ -25,6 +25,8 @@ def train(
     config: Annotated[Path | None, typer.Argument(help="YAML config (see configs/)")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value ...")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="show the resolved config and exit")] = False,
+    resume: Annotated[str | None, typer.Option("--resume", help="`auto` (newest checkpoint in output.dir, else "
+                                               "start fresh) or a checkpoint directory")] = None,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes a run directory (output.dir)."""
     cfg = _load_config(config, overrides)
@@ -33,7 +35,7 @@ def train(
         return
     from deltatune import api
 
-    api.train(cfg)
+    api.train(cfg, resume=resume)
 
 
 @app.command("eval")

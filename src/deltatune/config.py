@@ -45,6 +45,11 @@ class DataSection(Section):
         "auto = chat when the tokenizer has one")
     packing: bool = Field(False, description="causal_lm/sft: pack several examples per sequence, isolated from "
                           "each other (block-diagonal attention, positions restarting at 0)")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="bad rows: raise (name file, line, problem) or skip (drop, count, report)")
+    id: str | None = Field(None, description="id column checked for duplicates (default: `id` if the data has it)")
+    max_chars: int | None = Field(None, ge=1, description="a text longer than this many characters is bad data "
+                                  "(e.g. a broken quote swallowed the file); default 1000 x max_length")
 
     @field_validator("validation")
     @classmethod
@@ -68,7 +73,12 @@ class TrainSection(Section):
     seed: int = 42
     log_every: int = Field(10, ge=1)
     compile: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: "
+                                         "much less activation memory for ~30% more compute")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+    save_every: int | None = Field(None, ge=1, description="write a resumable checkpoint every N optimizer steps")
+    keep_last: int = Field(2, ge=1, description="resumable checkpoints kept (the best is always kept too)")
+    max_bad_steps: int = Field(3, ge=1, description="stop after this many non-finite steps in a row")
 
 
 class EvalSection(Section):

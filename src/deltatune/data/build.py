@@ -10,7 +10,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from deltatune.config import DataSection
-from deltatune.data import packing, sft, sources
+from deltatune.data import packing, sft, sources, validate
 from deltatune.errors import DataError
 
 MAX_SHOWN = 5  # offending rows quoted in an error
@@ -41,19 +41,28 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     token a target (the model learns to stop).
     """
     lm = task != "classification"
-    train_raw, train_where = _read(section, section.train, task)
+    reports: list[validate.SplitReport] = []  # rows read / used / skipped, per split
+    train_raw, train_where = _read(section, section.train, task, "train", reports)
     val_raw, val_where = None, None
     if isinstance(section.validation, str):
-        val_raw, val_where = _read(section, section.validation, task)
+        val_raw, val_where = _read(section, section.validation, task, "validation", reports)
     elif isinstance(section.validation, float):
         parts = train_raw.train_test_split(test_size=section.validation, seed=section.seed)
         train_raw, val_raw = parts["train"], parts["test"]
         val_where = f"{train_where} ({section.validation:.0%} held out, seed {section.seed})"
+        reports[0].held_out = len(val_raw)
+        reports.append(validate.SplitReport("validation", val_where, reports[0].unit, read=len(val_raw)))
 
     labels = [] if lm else labels or section.labels or _label_set(train_raw, section.label)
+    if not lm:  # labels outside the set; validation classes that training never has
+        train_raw = validate.check(train_raw, section, reports[0], labels=labels)
+        if val_raw is not None:
+            val_raw = validate.check(val_raw, section, reports[1], labels=labels,
+                                     train_labels=set(_label_set(train_raw, section.label)))
     stats: dict = {}
     if section.sample and section.sample < len(train_raw):
         stats["sampled_from"] = len(train_raw)
+        reports[0].not_sampled = len(train_raw) - section.sample
         keep = np.random.default_rng(section.seed).choice(len(train_raw), section.sample, replace=False)
         train_raw = train_raw.select(sorted(keep.tolist()))
     if task == "sft":
@@ -62,13 +71,17 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
         stats.update(format=fmt, template=template)
         train = tokenize_sft("train", train_raw, section, tokenizer, train_where, fmt, template)
         val = tokenize_sft("validation", val_raw, section, tokenizer, val_where, fmt, template) if val_raw else None
+        for report, split in zip(reports, (train, val)):
+            if split is not None:
+                report.no_target = split.rows - len(split.dataset)
     else:
         train = tokenize_split("train", train_raw, section, tokenizer, labels, train_where, not lm)
         val = tokenize_split("validation", val_raw, section, tokenizer, labels, val_where, not lm) if val_raw else None
     stats.update({
         "train_rows": train.rows, "validation_rows": val.rows if val else 0,
         "train_truncated": train.truncated, "validation_truncated": val.truncated if val else 0,
-        "max_length": section.max_length,
+        "max_length": section.max_length, "on_error": section.on_error,
+        **validate.report(reports, {"train": train, "validation": val}, section.max_length),
     })
     if task == "sft":
         stats.update(train_without_target=train.rows - len(train.dataset),
@@ -79,12 +92,17 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     return DataBundle(labels=labels, train=train, validation=val, stats=stats)
 
 
-def _read(section: DataSection, spec: str, task: str = "classification") -> tuple[datasets.Dataset, str]:
-    ds = sources.read(spec, section.columns)
-    where = str(sources.resolve_path(spec))
-    if task != "sft":  # sft columns are checked by format (instruction/output or messages)
+def _read(section: DataSection, spec: str, task: str = "classification", name: str = "train",
+          reports: list | None = None) -> tuple[datasets.Dataset, str]:
+    lm = task != "classification"
+    ds, report = validate.read(spec, section, name, lm)  # bad lines raised or skipped, each row keeps its line
+    where = report.where
+    if task != "sft":  # sft columns are checked by format (instruction/output or messages), in tokenize_sft
         sources.require_columns(ds, {"data.text": section.text, "data.text_pair": section.text_pair,
-                                     "data.label": None if task != "classification" else section.label}, where)
+                                     "data.label": None if lm else section.label}, where)
+        ds = validate.check(ds, section, report, lm)
+    if reports is not None:
+        reports.append(report)
     return ds, where
 
 
@@ -150,21 +168,10 @@ def tokenize_split(name: str, ds: datasets.Dataset, section: DataSection, tokeni
 
 def _check_rows(ds: datasets.Dataset, section: DataSection, labels: list[str] | None, where: str,
                 first_line: int) -> None:
-    """Empty texts and unknown labels are errors naming the file line; nothing is dropped silently."""
-    allowed = set(labels) if labels is not None else None
-    empty, unknown = [], []
-    text_cols = [c for c in (section.text, section.text_pair) if c]
-    table = ds.select_columns(text_cols + ([section.label] if allowed is not None else []))[:]
-    for col in text_cols:
-        empty += [f"line {first_line + i}: `{col}` is empty"
-                  for i, v in enumerate(table[col]) if v is None or not str(v).strip()]
-    if allowed is not None:
-        unknown = [f"line {first_line + i}: label {v!r}"
-                   for i, v in enumerate(table[section.label]) if str(v) not in allowed]
-    if empty:
-        raise DataError(f"{where}: {len(empty)} row(s) with empty text:\n    "
-                        + "\n    ".join(empty[:MAX_SHOWN]) + "\n  Fix: remove or fill these rows.")
-    if unknown:
-        raise DataError(f"{where}: {len(unknown)} row(s) with a label not in the label set "
-                        f"{labels}:\n    " + "\n    ".join(unknown[:MAX_SHOWN])
-                        + "\n  Fix: correct these labels, or list every label in `data.labels`.")
+    """Empty texts and unknown labels are errors naming the file line; nothing is dropped silently.
+    (Rows from `build` were checked already, with data.on_error; this guards direct callers.)"""
+    strict = section.model_copy(update={"on_error": "raise"})
+    report = validate.SplitReport("rows", where)
+    validate.check(ds, strict, report, lm=labels is None, first_line=first_line)
+    if labels is not None:
+        validate.check(ds, strict, report, labels=labels, first_line=first_line)

@@ -151,7 +151,7 @@ def check_rows(rows: list[dict], fmt: str, where: str, first_line: int) -> None:
     """Missing or empty instruction/response fields and malformed turns, named by file line."""
     problems = []
     for i, row in enumerate(rows):
-        line = first_line + i
+        line = row.get("__line__", first_line + i)  # the file line, kept by data/validate.py
         if fmt == "alpaca":
             for col in ("instruction", "output"):
                 if row.get(col) is None or not str(row[col]).strip():

@@ -68,9 +68,10 @@ def first_data_line(path: Path, has_header: bool) -> int:
 
 def require_columns(ds: datasets.Dataset, names: dict[str, str | None], where: str) -> None:
     """Each config key (e.g. data.text) must name an existing column."""
+    have = [c for c in ds.column_names if not c.startswith("__")]  # not our own bookkeeping (`__line__`)
     for key, col in names.items():
-        if col is not None and col not in ds.column_names:
+        if col is not None and col not in have:
             raise DataError(
-                f"{where}: no column `{col}` (set by `{key}`){did_you_mean(col, ds.column_names)}; "
-                f"columns are: {', '.join(ds.column_names)}"
+                f"{where}: no column `{col}` (set by `{key}`){did_you_mean(col, have)}; "
+                f"columns are: {', '.join(have)}"
             )

@@ -10,6 +10,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from deltatune.engine.faults import kill_point
+
 # transformers draws a progress bar per save; with a save per improved eval that is noise.
 hf_logging.disable_progress_bar()
 
@@ -29,16 +31,32 @@ def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Pa
     return target
 
 
-def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path,
+               extra: dict[str, str] | None = None) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     old = target.with_name(f".{target.name}.old")
     if target.exists():
         os.replace(target, old)
+    kill_point("artifact")  # tests: killed between the two renames; `recover` puts the old copy back
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(run_dir: Path) -> None:
+    """Undo what a kill inside `save_model` left: the complete old copy comes back, a partial new one goes."""
+    for name in ("model", "adapter"):
+        target, old, tmp = run_dir / name, run_dir / f".{name}.old", run_dir / f".{name}.tmp"
+        if old.exists():
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from deltatune.config import RunConfig
 from deltatune.data import DataBundle, Split
 from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
-from deltatune.engine import checkpoint, embedding_grad, optim, precision
+from deltatune.engine import checkpoint, embedding_grad, faults, optim, precision, state
 from deltatune.engine.distributed import Dist
 from deltatune.engine.report import RunLog, console
 from deltatune.evaluation import forgetting, generation, metrics
@@ -55,12 +55,26 @@ def keep_heap_mapped() -> bool:
         return False
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Keep only each layer's input in the forward pass and recompute the rest during backward.
+
+    Non-reentrant checkpointing: it gives adapters their gradients even when the embeddings (and so
+    every layer input) are frozen, which the older reentrant variant needs a workaround for."""
+    from deltatune.errors import ConfigError
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing=true: {type(base).__name__} does not support it. "
+                          f"Fix: set it to false.")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, run_dir: Path, dist: Dist,
-          lr_scale=None) -> dict:
+          lr_scale=None, resume: Path | None = None) -> dict:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -68,6 +82,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     prec = precision.resolve(tc.precision, dist.device)
     if not is_quantized(model):  # 4-bit weights are placed by device_map at load time and cannot move
         model.to(dist.device)
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     optimizer = optim.build_optimizer(model, tc, dist.device, lr_scale)
     scaler = prec.scaler()
@@ -92,10 +108,16 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
 
     best: float | None = None
     best_step, best_metrics, bad_evals, stopped_early = 0, {}, 0, False
+    probe_before: dict | None = None
     step, tokens_done, compute_s = 0, 0, 0.0
     window_loss, window_items, window_tokens, window_norm, window_t = 0.0, 0.0, 0, 0.0, time.perf_counter()
     history: list[dict] = []
     wall_start = time.perf_counter()
+    # Non-finite steps are skipped and counted; resumable checkpoints every train.save_every steps.
+    best_path = checkpoint.artifact_dir(run_dir, model) if data.validation is not None else None
+    guard = faults.NonFiniteGuard(tc, prec.name, state.checkpoints_dir(run_dir), best_path, dist)
+    saver = state.Saver(run_dir, cfg, dist, model, optimizer, scheduler, scaler, guard, train_set, steps_per_epoch,
+                        total_steps)
 
     gen_eval = generation_inputs(data.validation, cfg, tokenizer) if data.validation is not None else None
     probe = forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows) if lm and cfg.eval.forgetting else None
@@ -112,16 +134,24 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         return "  ".join(f"{k} {result[k]:.4f}" for k in metrics.TASK_METRICS[cfg.task] if k in result)
 
     with RunLog(run_dir, dist.is_main, total_steps) as log, embedding_grad.row_buffered(model, dist.world) as rows:
+        if resume is not None:
+            p = saver.restore(resume, tokenizer, log)
+            step, best, best_step, best_metrics, bad_evals = (p["step"], p["best"], p["best_step"],
+                                                              p["best_metrics"], p["bad_evals"])
+            stopped_early, history, tokens_done, compute_s = (p["stopped_early"], p["history"], p["tokens_done"],
+                                                              p["compute_s"])
+            window_loss, window_items, window_norm = p["window_loss"], p["window_items"], p["window_norm"]
+            probe_before = p.get("probe_before")  # measured on the base model when the run started
+            log.progress.update(log.task, completed=step)
         log.print(f"[dim]precision {prec.name} ({prec.reason}); {trainable:,} of {total:,} parameters train; "
                   f"{total_steps} steps of {global_batch} examples; heap kept mapped: {heap_tuned}; "
                   f"embedding gradient row-buffered: {rows}")
-        probe_before = None
-        if probe is not None:  # the base model: adapters (if any) switched off
+        if probe is not None and resume is None:  # the base model: adapters (if any) switched off
             with base_only(model):
                 probe_before = evaluate(model, probe, 0, prec, dist.device, pad_id, cfg.eval.batch_size, lm=True)
             log.print(f"forgetting probe before training: perplexity {probe_before['perplexity']:.3f} on "
                       f"{probe.where}")
-        if cfg.eval.at_start and data.validation is not None:
+        if cfg.eval.at_start and data.validation is not None and resume is None:
             at_start = run_eval(0)
             log.print("step 0 (before training): " + eval_line(at_start))
             window_t = time.perf_counter()
@@ -152,7 +182,11 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = clip_gradients(optimizer, tc.max_grad_norm, fold=scaler is None)
-                if scaler:
+                skipped = guard.skip(step + 1, step_loss, grad_norm, scaler is not None, scheduler.get_last_lr()[0],
+                                     log)
+                if skipped:
+                    pass  # nothing non-finite reaches the optimizer (or the weights)
+                elif scaler:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
@@ -161,9 +195,10 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 compute_s += time.perf_counter() - t0
-                window_loss += float(step_loss)
-                window_norm = max(window_norm, float(grad_norm))
-                window_items += n_items / dist.world
+                if not skipped:
+                    window_loss += float(step_loss)
+                    window_norm = max(window_norm, float(grad_norm))
+                    window_items += n_items / dist.world
 
                 if step % tc.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_t
@@ -179,7 +214,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                 if data.validation is not None and (step % eval_every == 0 or step == total_steps):
                     result = run_eval(step)
                     value = result[cfg.metric]
-                    if metrics.improved(cfg.metric, value, best):
+                    if math.isfinite(value) and metrics.improved(cfg.metric, value, best):
                         best, best_step, best_metrics, bad_evals = value, step, result, 0
                         if dist.is_main:
                             checkpoint.save(model, tokenizer, run_dir)
@@ -190,20 +225,26 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     if cfg.eval.patience and bad_evals >= cfg.eval.patience:
                         log.print(f"early stop: no {cfg.metric} improvement in {bad_evals} evals")
                         stopped_early = True
+                if saver.due(step, best_step == step):
+                    saver.save(step, best=best, best_step=best_step, best_metrics=best_metrics, bad_evals=bad_evals,
+                               stopped_early=stopped_early, history=history, tokens_done=tokens_done,
+                               compute_s=compute_s, window_loss=window_loss, window_items=window_items,
+                               window_norm=window_norm, probe_before=probe_before)
+                faults.kill_point("step")  # tests: a process killed between steps
                 if step >= total_steps or stopped_early:
                     break
 
     if data.validation is None and dist.is_main:
         checkpoint.save(model, tokenizer, run_dir)
     forgot = None
-    if probe is not None:
+    if probe is not None and probe_before is not None:
         probe_after = evaluate(model, probe, 0, prec, dist.device, pad_id, cfg.eval.batch_size, lm=True)
         forgot = forgetting.report(probe_before, probe_after, probe, step)
         if dist.is_main:
             console.print(f"forgetting probe: perplexity {forgot['perplexity_before']:.3f} -> "
-                                 f"{forgot['perplexity_after']:.3f} ({forgot['change_percent']:+.2f}%)")
+                          f"{forgot['perplexity_after']:.3f} ({forgot['change_percent']:+.2f}%)")
     dist.barrier()
-    return {"forgetting": forgot,
+    return {
         "precision": prec.name, "precision_reason": prec.reason, "steps": step,
         "epochs_done": round(step / steps_per_epoch, 3), "global_batch": global_batch,
         "train_seconds": round(time.perf_counter() - wall_start, 2), "compute_seconds": round(compute_s, 2),
@@ -216,6 +257,9 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
                           "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups],
         "attention": getattr(model.config, "_attn_implementation", None),
+        "gradient_checkpointing": tc.gradient_checkpointing,
+        "skipped_steps": guard.skipped, "resumed_from": str(resume) if resume else None,
+        "last_checkpoint": str(state.latest(saver.dir) or "") or None, "forgetting": forgot,
     }
 
 

@@ -14,6 +14,7 @@ import torch
 
 from deltatune import api, methods, models
 from deltatune.data.batching import collate
+from deltatune.engine import checkpoint
 from deltatune.errors import DeltatuneError
 from deltatune.methods.lora import is_quantized
 
@@ -63,14 +64,11 @@ def dequantized_copy(run: api.LoadedRun) -> torch.nn.Module:
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-4) -> dict:
+    from deltatune import preflight
+
+    preflight.merge(run_dir, out_dir)  # refuses what cannot be merged before any weight is loaded
     run = api.load_run(run_dir, device="cpu")
     method = methods.REGISTRY[run.config.method.name]
-    if method.saves != "adapter":
-        raise DeltatuneError(f"{run_dir}: method `{method.name}` already produced a full model in "
-                             f"{Path(run_dir) / 'model'}; there is nothing to merge.")
-    if not method.mergeable:
-        raise DeltatuneError(f"{run_dir}: method `{method.name}` cannot be merged: {method.why_not_mergeable}. "
-                             f"Serve it with its base model (deltatune predict), or train LoRA/IA3 to merge.")
     batch = sample_batch(run)
     quantized = is_quantized(run.model)
     with torch.no_grad():
@@ -96,8 +94,9 @@ def merge(run_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-4) -> 
     if diff > tolerance:
         raise DeltatuneError(f"merge verification failed: merged and unmerged outputs differ by {diff:.3g} "
                              f"(> tolerance {tolerance:g}); nothing was written to {out_dir}.")
+    # Atomically (temp dir, fsync, rename): a killed merge never leaves a half-written model behind.
     out = Path(out_dir)
-    merged.save_pretrained(out, safe_serialization=True)
-    run.tokenizer.save_pretrained(out)
-    (out / "merge_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_model(merged, run.tokenizer, out,
+                          extra={"merge_report.json": json.dumps(report, indent=1)})
     return report

@@ -22,6 +22,8 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
         tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ConfigError(_not_found(name, e)) from None
+    except ValueError as e:
+        raise _remote_code(name, e) from None
     if tok.pad_token is None:
         # Decoder tokenizers (GPT-2, LLaMA) ship without a pad token; padding is masked out anyway.
         tok.pad_token = tok.eos_token
@@ -55,6 +57,8 @@ def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizer
         )
     except OSError as e:
         raise ConfigError(_not_found(name, e)) from None
+    except ValueError as e:
+        raise _remote_code(name, e) from None
     finally:
         hf_logging.set_verbosity(previous)
     if model.config.pad_token_id is None:
@@ -78,9 +82,20 @@ def load_model(task: str, name: str, labels: list[str], tokenizer: PreTrainedTok
                                                      attn_implementation=attention, **extra)
     except OSError as e:
         raise ConfigError(_not_found(name, e)) from None
+    except ValueError as e:
+        raise _remote_code(name, e) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _remote_code(name: str, err: ValueError) -> Exception:
+    """transformers refuses to run a checkpoint's own code unless trust_remote_code is on: say so plainly."""
+    if "custom code" not in str(err) and "trust_remote_code" not in str(err):
+        return err
+    return ConfigError(f"model.name: `{name}` needs its own Python code to load, which deltatune runs only with "
+                       f"model.trust_remote_code=true. Fix: use a model transformers supports natively, or set "
+                       f"model.trust_remote_code=true if you trust its source.")
 
 
 def _not_found(name: str, err: Exception) -> str:

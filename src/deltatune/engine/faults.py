@@ -1,0 +1,187 @@
+"""Numerical faults and out-of-memory: detect, skip or stop, and say what to change.
+
+- A step whose loss or gradient norm is not finite is skipped: nothing reaches the optimizer (its
+  fused kernel would spread one NaN into every weight). Skipped steps are counted; after
+  `train.max_bad_steps` in a row the run stops with a diagnosis instead of training on.
+- Out-of-memory errors become a DeltatuneError listing remedies with this run's numbers.
+- `kill_point` lets the crash tests SIGKILL this process at an exact place (env var, tests only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import types
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from deltatune.errors import DeltatuneError
+
+
+class NumericalError(DeltatuneError):
+    """Training stopped because the loss or gradients stayed non-finite."""
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; raises NumericalError after `limit` non-finite steps in a row."""
+
+    def __init__(self, tc, precision: str, checkpoints: Path, best_model: Path | None, dist=None):
+        self.limit, self.lr, self.clip, self.precision = tc.max_bad_steps, tc.lr, tc.max_grad_norm, precision
+        self.dist = dist
+        self.checkpoints, self.best_model = checkpoints, best_model
+        self.skipped, self.in_a_row, self.first_bad = 0, 0, 0
+
+    def skip(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool, current_lr: float,
+             log) -> bool:
+        """Whether optimizer step `step` must be skipped (after counting it, or raising).
+
+        With fp16 loss scaling an inf gradient under a finite loss is the scaler's business: it skips
+        the step itself and lowers its scale, so that is not counted as a fault here.
+        """
+        loss_ok, norm_ok = math.isfinite(float(loss)), math.isfinite(float(grad_norm))
+        fine = loss_ok and (norm_ok or scaled)
+        if self.dist is not None and self.dist.world > 1:
+            # The loss is per process: every rank must take the same decision, or their weights drift apart.
+            loss_ok = self.dist.all_sum(0.0 if loss_ok else 1.0) == 0
+            fine = self.dist.all_sum(0.0 if fine else 1.0) == 0
+        if fine:
+            self.in_a_row = 0
+            return False
+        what = "loss" if not loss_ok else "gradient norm"
+        value = float(loss) if not loss_ok else float(grad_norm)
+        if math.isfinite(value):  # not here, but on another process
+            value = "not finite on another process"  # type: ignore[assignment]
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row == 1:
+            self.first_bad = step
+        log.write({"skipped_step": step, "reason": f"{what} is {value}"})
+        log.print(f"[yellow]step {step}: {what} is {value}; step skipped, no update applied "
+                  f"({self.in_a_row} in a row, {self.skipped} in all; the run stops at {self.limit} in a row)")
+        if self.in_a_row >= self.limit:
+            raise NumericalError(self.diagnosis(step, what, current_lr))
+        return True
+
+    def diagnosis(self, step: int, what: str, current_lr: float) -> str:
+        from deltatune.engine import state
+
+        last = state.latest(self.checkpoints)
+        # (Resuming with the same config would replay the same steps into the same fault: the fix is a new run.)
+        ckpt = (f"{last} (step {state.step_of(last)}; finite weights and optimizer state)" if last
+                else "none (train.save_every is not set)")
+        best = f"{self.best_model} (finite weights)" if self.best_model and self.best_model.exists() else "none yet"
+        fixes = [f"lower the learning rate (now train.lr={self.lr:g}, {current_lr:.3g} at this step), "
+                 f"e.g. train.lr={self.lr / 10:g}"]
+        if self.precision != "fp32":
+            fixes.append(f"train in full precision: train.precision=fp32 (now {self.precision})")
+        fixes.append(f"clip gradients harder: train.max_grad_norm={self.clip / 4:g} (now {self.clip:g})" if self.clip
+                     else "clip gradients: train.max_grad_norm=1.0 (now off)")
+        fixes.append("look for extreme or broken examples in the batches of these steps")
+        return (f"training stopped at step {step}: the {what} was not finite for {self.in_a_row} steps in a row "
+                f"(steps {self.first_bad}-{step}; {self.skipped} skipped in all; train.max_bad_steps={self.limit}). "
+                f"No non-finite update was applied and no NaN weights were written.\n"
+                f"  learning rate: {current_lr:.3g} (train.lr={self.lr:g}); precision: {self.precision}\n"
+                f"  last good checkpoint: {ckpt}\n  best model so far: {best}\n"
+                f"  Fix, in a new run: " + "; or ".join(fixes) + ".")
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row, "first_bad": self.first_bad}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.skipped, self.in_a_row, self.first_bad = d["skipped"], d["in_a_row"], d["first_bad"]
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Out of memory
+
+CPU_OOM = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or any(s in str(exc).lower() for s in CPU_OOM))
+
+
+def _where(exc: BaseException) -> tuple[str, int | None, tuple[int, ...] | None]:
+    """('train' | 'eval', failing step, input_ids shape) from the loop's frames in the traceback."""
+    phase, step, shape = "train", None, None
+    tb: types.TracebackType | None = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.endswith(os.path.join("engine", "loop.py")):
+            if frame.f_code.co_name == "evaluate":
+                phase = "eval"
+            elif frame.f_code.co_name == "train":
+                step = frame.f_locals.get("step")
+                batch = frame.f_locals.get("batch")
+                ids = batch.get("input_ids") if isinstance(batch, dict) else None
+                shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else None
+        tb = tb.tb_next
+    return phase, (step + 1 if isinstance(step, int) else None), shape
+
+
+def out_of_memory(exc: BaseException, cfg, device: torch.device) -> DeltatuneError:
+    """A DeltatuneError with remedies for this run, for an out-of-memory error raised in training."""
+    from deltatune.config import TrainSection
+    from deltatune.engine import precision
+    from deltatune.methods import REGISTRY
+
+    tc = cfg.train
+    phase, step, shape = _where(exc)
+    where = f"at step {step}" if step else "during training"
+    if phase == "eval":
+        where = "while evaluating" + (f" after step {step - 1}" if step else "")
+    batch = f" (micro-batch of {shape[0]} rows x {shape[1]} tokens)" if shape and phase == "train" else ""
+    fixes = []
+    if phase == "eval":
+        fixes.append(f"a smaller evaluation batch: eval.batch_size={max(1, cfg.eval.batch_size // 4)}")
+    if tc.batch_size > 1:
+        micro = max(1, tc.batch_size // 2)
+        accum = tc.grad_accum * tc.batch_size // micro
+        fixes.append(f"a smaller micro-batch with more accumulation, same global batch: train.batch_size={micro} "
+                     f"train.grad_accum={accum}" + ("" if tc.batch_size % micro == 0 else " (close to it)"))
+    if "gradient_checkpointing" in TrainSection.model_fields and not tc.gradient_checkpointing:
+        fixes.append("recompute activations in the backward pass: train.gradient_checkpointing=true")
+    if REGISTRY[cfg.method.name].saves == "model":
+        fixes.append(f"a PEFT method, which keeps no optimizer state for the frozen weights: method.name=lora "
+                     f"(now {cfg.method.name})")
+    elif cfg.method.name == "lora" and device.type == "cuda":
+        fixes.append("a 4-bit base model: method.name=qlora")
+    prec = precision.resolve(tc.precision, device)
+    bf16_native = torch.cuda.is_bf16_supported() if device.type == "cuda" else precision.cpu_supports_bf16()
+    if prec.name == "fp32" and bf16_native:
+        fixes.append(f"half the activation memory with bf16: train.precision=bf16 (now {prec.name})")
+    if shape and shape[1] > 64 and cfg.data.max_length > 64:
+        fixes.append(f"shorter inputs: data.max_length={cfg.data.max_length // 2} (now {cfg.data.max_length}; "
+                     f"the longest rows are truncated, and counted)")
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return DeltatuneError(f"out of memory {where}{batch} on {device.type}: {detail}\n"
+                          f"  Fix (any of these, for this run):\n    " + "\n    ".join(fixes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash tests: SIGKILL this process at a named point (never set outside tests)
+
+KILL_ENV = "DELTATUNE_TEST_KILL"
+_reached: Counter[str] = Counter()
+
+
+def kill_point(name: str) -> None:
+    """`DELTATUNE_TEST_KILL=name:N` kills this process with SIGKILL the N-th time `name` is reached."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    _reached[name] += 1
+    for item in spec.split(","):
+        point, _, n = item.partition(":")
+        if point == name and _reached[name] == int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,107 @@
+"""Combinations that cannot work, refused before any weight is loaded, each with the reason and the fix.
+
+`api.preflight` runs these after its own checks (precision for the device, metric and method for the
+task, an existing finished run). Every check reads only the config (and, where needed, whether an
+optional package is installed); none loads a model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from deltatune.errors import ConfigError, DeltatuneError
+
+
+def run(cfg) -> None:
+    _qlora(cfg)
+    _evaluation(cfg)
+    _packing(cfg)
+    _remote_code(cfg)
+
+
+def _packing(cfg) -> None:
+    if not cfg.data.packing:
+        return
+    if cfg.task == "classification":
+        raise ConfigError("data.packing=true does not apply to task classification: each text gets its own label "
+                          "from its own sequence. Fix: remove data.packing (dynamic padding and length grouping "
+                          "already keep padding low), or use task causal_lm / sft.")
+    if cfg.method.name in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+        raise ConfigError(f"data.packing=true cannot be combined with method.name={cfg.method.name}: soft prompts "
+                          f"are added once per sequence, so packed examples would share one prompt and the "
+                          f"position ids would no longer line up. Fix: set data.packing=false, or use lora.")
+
+
+def _qlora(cfg) -> None:
+    m = cfg.method
+    if m.name != "qlora":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("method.name=qlora needs bitsandbytes for its 4-bit base. Fix: pip install "
+                          "'deltatune[qlora]' (bitsandbytes 0.50+ also runs on CPU), or use method.name=lora.")
+    if m.init == "pissa":
+        raise ConfigError("method.name=qlora with method.init=pissa: PiSSA initialises LoRA from the singular "
+                          "vectors of the full-precision weights, which a 4-bit base no longer has (peft refuses "
+                          "it). Fix: method.init=default or gaussian, or method.name=lora with init=pissa.")
+
+
+def _evaluation(cfg) -> None:
+    if cfg.data.validation is None and cfg.eval.patience:
+        raise ConfigError(f"eval.patience={cfg.eval.patience} needs validation data to watch, but "
+                          f"data.validation is null. Fix: set data.validation (a file or a fraction such as 0.1), "
+                          f"or remove eval.patience.")
+
+
+def _remote_code(cfg) -> None:
+    """A local model that needs its own Python code (an `auto_map` and an architecture transformers does not
+    know) runs it only with model.trust_remote_code=true. With a known architecture transformers ignores that
+    code and uses its own, which is said too."""
+    if cfg.model.trust_remote_code:
+        return
+    from deltatune.models.catalogue import resolve
+
+    try:
+        f = Path(resolve(cfg.model.name)) / "config.json"
+    except ConfigError:  # not found: the loader says so, with the model names it knows
+        return
+    meta = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    if "auto_map" not in meta:
+        return
+    from transformers import CONFIG_MAPPING
+
+    kind = meta.get("model_type")
+    if kind in CONFIG_MAPPING:
+        from deltatune.engine.report import console
+
+        console.print(f"note: {f.parent} ships its own code (`auto_map`); model.trust_remote_code is off, so "
+                      f"transformers' own `{kind}` implementation is used instead.", highlight=False, soft_wrap=True)
+        return
+    raise ConfigError(f"model.name: {f.parent} needs its own Python code (model_type `{kind}` is not one "
+                      f"transformers knows; config.json has an `auto_map`), which deltatune runs only with "
+                      f"model.trust_remote_code=true. Fix: use a model transformers supports natively, or set "
+                      f"model.trust_remote_code=true if you trust its source.")
+
+
+def merge(run_dir: str | Path, out_dir: str | Path) -> None:
+    """Before `deltatune merge` loads anything: the run must hold a mergeable adapter."""
+    from deltatune import config as config_mod
+    from deltatune import methods
+
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise DeltatuneError(f"{path}: not a finished deltatune run (missing config.yaml). "
+                             f"Fix: pass the output.dir of a run that completed `deltatune train`.")
+    cfg = config_mod.load(path / "config.yaml")
+    method = methods.REGISTRY[cfg.method.name]
+    if method.saves != "adapter":
+        raise DeltatuneError(f"{run_dir}: method `{method.name}` already produced a full model in "
+                             f"{path / 'model'}; there is nothing to merge. Use that directory as it is.")
+    if not method.mergeable:
+        raise DeltatuneError(f"{run_dir}: method `{method.name}` cannot be merged: {method.why_not_mergeable}. "
+                             f"Serve it with its base model (deltatune predict), or train LoRA/IA3 to merge.")
+    out = Path(out_dir).resolve()
+    if out == path.resolve() or path.resolve() in out.parents:
+        raise DeltatuneError(f"merge: the output {out_dir} is inside the run directory {run_dir}, which later "
+                             f"commands would misread. Fix: write the merged model somewhere else.")
