@@ -54,13 +54,15 @@ def report(result: dict) -> None:
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 
 
-def train_recipe(name: str, group: str, reuse: bool = False, overrides: list[str] | None = None) -> dict:
-    """`deltatune train configs/NAME.yaml` in its own child process (so peak RSS is its own), into
-    bench/.work/GROUP/NAME; returns its summary.json. `reuse` keeps a finished earlier result."""
+def train_recipe(name: str, group: str, reuse: bool = False, overrides: list[str] | None = None,
+                 label: str | None = None) -> dict:
+    """`deltatune train configs/NAME.yaml [overrides]` in its own child process (so peak RSS is its own),
+    into bench/.work/GROUP/LABEL (default NAME); returns its summary.json. `reuse` keeps a finished
+    earlier result."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    out = root / "bench" / ".work" / group / name
+    out = root / "bench" / ".work" / group / (label or name)
     if reuse and (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
     cmd = [sys.executable, "-m", "deltatune", "train", str(root / "configs" / f"{name}.yaml"),

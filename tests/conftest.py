@@ -64,21 +64,25 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory, tokenizer_dir) -> Path:
-    """A 2-layer, hidden-32 BERT with dropout off (so batch-size invariants can be exact)."""
+def save_tiny_bert(out: Path, tokenizer_dir: Path, dropout: float = 0.0) -> Path:
+    """A 2-layer, hidden-32 BERT sharing the toy vocabulary."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny-bert")
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout, pad_token_id=tok.pad_token_id)
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tokenizer_dir) -> Path:
+    """Dropout off, so batch-size invariants can be exact."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), tokenizer_dir)
 
 
 def _save_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int, init_range: float = 0.02) -> Path:

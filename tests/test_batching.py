@@ -48,3 +48,13 @@ def test_collate_pads_to_longest_in_batch():
     assert out["labels"].tolist() == [1, 0]
     left = collate({"input_ids": [[5, 6, 7], [8]]}, pad_id=0, pad_side="left")
     assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+
+
+def test_eval_batches_cap_rows_times_length():
+    from deltatune.data.batching import eval_batches
+
+    lengths = [256] * 10 + [10] * 40
+    batches = eval_batches(lengths, batch_size=64, max_tokens=1000)
+    assert sorted(i for b in batches for i in b) == list(range(50))
+    assert all(len(b) * max(lengths[i] for i in b) <= 1000 for b in batches)
+    assert [len(b) for b in batches] == [3, 3, 3, 3, 38] and eval_batches(lengths, 64) == [list(range(50))]

@@ -248,3 +248,30 @@ def test_causal_lm_on_a_text_file_with_packing(tiny_llama, tmp_path):
     assert s["data"]["packing"]["examples_per_sequence"] > 2 and s["data"]["packing"]["fill"] > 0.8
     assert s["evals"][0]["step"] == 0 and s["evals"][-1]["loss"] < s["evals"][0]["loss"] - 0.3
     assert s["best_metrics"]["perplexity"] < 120  # a 177-token vocabulary: chance is ~177
+
+
+def test_eval_of_an_sft_run_on_a_file_scores_generated_labels(sft_run, tmp_path):
+    data = write_jsonl(tmp_path / "more.jsonl", sft_rows(24, seed=7, fmt="messages"))
+    result = api.evaluate(sft_run["run_dir"], str(data))
+    assert result["rows"] == 24 and result["generated_rows"] == 24 and result["label_accuracy"] >= 0.8
+    assert result["loss"] < 1.0
+
+
+def test_bad_sft_rows_are_named_or_skipped_and_counted(tiny_chat_llama, tmp_path):
+    from deltatune import config
+    from deltatune.data import build
+    from deltatune.errors import DataError
+
+    rows = sft_rows(6, fmt="messages")
+    rows[2] = {"messages": [{"role": "user", "content": "no answer here"}]}
+    rows[4] = {"messages": "not a list"}
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    overrides = [f"data.train={path}", "data.validation=null", "task=sft"]
+    with pytest.raises(DataError, match=r"(?s)2 row\(s\) that are not a usable.*line 3: no assistant turn"
+                                        r".*line 5: `messages` must be"):
+        build(config.load(None, overrides).data, tok, task="sft")
+    bundle = build(config.load(None, overrides + ["data.on_error=skip"]).data, tok, task="sft")
+    train = bundle.stats["train"]
+    assert (train["rows_read"], train["rows_used"], train["rows_skipped"]) == (6, 4, 2)
+    assert len(bundle.train.dataset) == 4

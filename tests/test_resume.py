@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from deltatune import api, config
 from deltatune.engine import state
 from deltatune.errors import ConfigError
+from tests.conftest import save_tiny_bert
 
 SEED = int(os.environ.get("DELTATUNE_TEST_SEED", time.time_ns() % 100_000))
 STEPS = 32  # 256 rows / 16 = 16 steps per epoch, 2 epochs: the resume also crosses an epoch boundary
@@ -31,17 +32,7 @@ STEPS = 32  # 256 rows / 16 = 16 steps per epoch, 2 epochs: the resume also cros
 @pytest.fixture(scope="module")
 def dropout_bert(tmp_path_factory, tokenizer_dir) -> Path:
     """The tiny BERT with dropout on, so exact resume needs the RNG state restored too."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.1,
-                     attention_probs_dropout_prob=0.1, pad_token_id=tok.pad_token_id)
-    out = tmp_path_factory.mktemp("dropout-bert")
-    BertModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_bert(tmp_path_factory.mktemp("dropout-bert"), tokenizer_dir, dropout=0.1)
 
 
 def make(out: Path, model: Path, toy_data, method: str = "full", **extra):

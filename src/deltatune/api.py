@@ -231,7 +231,13 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     run = load_run(run_dir)
     section = run.config.data.model_copy()
     skipped = 0
-    if data_file is not None:
+    if data_file is not None and run.config.task == "sft":
+        # Instruction rows go through the same reading, checks and rendering as in training.
+        one = section.model_copy(update={"train": data_file, "validation": None, "sample": None, "packing": False})
+        bundle = data_mod.build(one, run.tokenizer, task="sft")
+        split = bundle.train
+        skipped = bundle.stats["train"]["rows_skipped"]
+    elif data_file is not None:
         lm = run.config.task != "classification"
         raw, report = validate.read(data_file, section, "eval", lm)  # data.on_error as the run had it
         label = section.label if run.config.task == "classification" else None
@@ -251,8 +257,10 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
         split = bundle.validation
     prec = precision.resolve(run.config.train.precision, next(run.model.parameters()).device)
     device = next(run.model.parameters()).device
+    lm = run.config.task != "classification"
+    gen = loop.generation_inputs(split, run.config, run.tokenizer) if run.config.task == "sft" else None
     result = loop.evaluate(run.model, split, len(run.labels), prec, device, run.tokenizer.pad_token_id,
-                           run.config.eval.batch_size, lm=run.config.task != "classification")
+                           run.config.eval.batch_size, lm, gen, lm and loop.accepts_logits_mask(run.model))
     result["rows"] = split.rows
     result["rows_skipped"] = skipped
     result["truncated"] = split.truncated

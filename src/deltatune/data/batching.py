@@ -42,10 +42,18 @@ def shard(batch: list[int], rank: int, world: int, micro: int) -> list[list[int]
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
-def eval_batches(lengths: list[int] | np.ndarray, batch_size: int) -> list[list[int]]:
-    """Sorted by length (no shuffling needed): the least padding for evaluation."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+def eval_batches(lengths: list[int] | np.ndarray, batch_size: int, max_tokens: int | None = None
+                 ) -> list[list[int]]:
+    """Sorted by length (no shuffling needed): the least padding for evaluation. `max_tokens` also caps
+    rows x longest row per batch (e.g. to bound a language model's full logits)."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable").tolist()
+    batches, i = [], 0
+    while i < len(order):
+        rows = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // int(lengths[order[i]])))
+        batches.append(order[i:i + rows])
+        i += rows
+    return batches
 
 
 def collate(rows: dict[str, list], pad_id: int, pad_side: str = "right", lm: bool = False

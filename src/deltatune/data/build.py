@@ -60,15 +60,19 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
             val_raw = validate.check(val_raw, section, reports[1], labels=labels,
                                      train_labels=set(_label_set(train_raw, section.label)))
     stats: dict = {}
+    if task == "sft":
+        fmt = sft.detect_format(train_raw.column_names, section.format, train_where)
+        template = sft.resolve_template(section.template, tokenizer)
+        stats.update(format=fmt, template=template)
+        train_raw = validate.check_sft(train_raw, section, reports[0], fmt)
+        if val_raw is not None:
+            val_raw = validate.check_sft(val_raw, section, reports[1], fmt)
     if section.sample and section.sample < len(train_raw):
         stats["sampled_from"] = len(train_raw)
         reports[0].not_sampled = len(train_raw) - section.sample
         keep = np.random.default_rng(section.seed).choice(len(train_raw), section.sample, replace=False)
         train_raw = train_raw.select(sorted(keep.tolist()))
     if task == "sft":
-        fmt = sft.detect_format(train_raw.column_names, section.format, train_where)
-        template = sft.resolve_template(section.template, tokenizer)
-        stats.update(format=fmt, template=template)
         train = tokenize_sft("train", train_raw, section, tokenizer, train_where, fmt, template)
         val = tokenize_sft("validation", val_raw, section, tokenizer, val_where, fmt, template) if val_raw else None
         for report, split in zip(reports, (train, val)):
@@ -111,8 +115,6 @@ def tokenize_sft(name: str, ds: datasets.Dataset, section: DataSection, tokenize
     """Instruction rows -> input_ids + labels (response tokens only), plus the prompt and reference
     answer that generation-based evaluation uses."""
     sft.detect_format(ds.column_names, fmt, where)
-    first_line = sources.first_data_line(Path(where.split(" (")[0]), has_header=section.columns is None)
-    sft.check_rows(ds.to_list(), fmt, where, first_line)
 
     def encode(row: dict) -> dict:
         try:

@@ -147,27 +147,22 @@ def show(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) 
     return [(tokenizer.decode([t]), lab != IGNORE) for t, lab in zip(ids, labels)]
 
 
-def check_rows(rows: list[dict], fmt: str, where: str, first_line: int) -> None:
-    """Missing or empty instruction/response fields and malformed turns, named by file line."""
+def row_problems(rows: list[dict], fmt: str) -> list[tuple[int, str]]:
+    """(row index, what is wrong) for rows that are not a usable example: an empty instruction or
+    response, or turns that are not {role, content} with at least one assistant turn."""
     problems = []
     for i, row in enumerate(rows):
-        line = row.get("__line__", first_line + i)  # the file line, kept by data/validate.py
         if fmt == "alpaca":
             for col in ("instruction", "output"):
                 if row.get(col) is None or not str(row[col]).strip():
-                    problems.append(f"line {line}: `{col}` is empty")
+                    problems.append((i, f"`{col}` is empty"))
+                    break
             continue
         turns = row.get("messages")
         if not isinstance(turns, list) or not turns:
-            problems.append(f"line {line}: `messages` must be a non-empty list of {{role, content}} turns")
-            continue
-        for j, t in enumerate(turns):
-            if not isinstance(t, dict) or "role" not in t or "content" not in t:
-                problems.append(f"line {line}: turn {j} needs `role` and `content`")
-                break
-        else:
-            if not any(t["role"] == "assistant" for t in turns):
-                problems.append(f"line {line}: no assistant turn (nothing to learn)")
-    if problems:
-        raise DataError(f"{where}: {len(problems)} malformed sft row(s):\n    " + "\n    ".join(problems[:5])
-                        + "\n  Fix: correct or remove these rows.")
+            problems.append((i, "`messages` must be a non-empty list of {role, content} turns"))
+        elif not all(isinstance(t, dict) and "role" in t and "content" in t for t in turns):
+            problems.append((i, "every turn needs `role` and `content`"))
+        elif not any(t["role"] == "assistant" for t in turns):
+            problems.append((i, "no assistant turn (nothing to learn)"))
+    return problems

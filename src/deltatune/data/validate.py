@@ -46,6 +46,9 @@ KINDS = {
     "empty text": ("with empty text", "remove or fill these rows"),
     "over-long": ("longer than data.max_chars", "check these rows (a broken quote or a missing line break can merge "
                                                 "many rows into one), or raise data.max_chars"),
+    "not an sft example": ("that are not a usable instruction/chat example",
+                            "give every row a non-empty instruction and output, or `messages` turns with "
+                            "`role` and `content` and at least one assistant turn"),
     "duplicate id": ("with a duplicate id", "give every row its own id, or remove the duplicates"),
     "unknown label": ("with a label not in the label set",
                       "correct these labels, or list every label in `data.labels`"),
@@ -364,6 +367,26 @@ def check(ds: datasets.Dataset, section, report: SplitReport, lm: bool = False, 
         raise DataError(f"{report.where}: every one of its {len(ds)} rows is bad (first: {found[0]}). "
                         f"Fix: {KINDS[found[0].kind][1]}.")
     return ds.select([i for i in range(len(ds)) if i not in problems])
+
+
+def check_sft(ds: datasets.Dataset, section, report: SplitReport, fmt: str) -> datasets.Dataset:
+    """sft rows that are not a usable example, raised or skipped like every other bad row."""
+    from deltatune.data import sft
+
+    rows = ds.to_list()
+    found = sft.row_problems(rows, fmt)
+    if not found:
+        return ds
+    problems = [Problem(f"{report.unit} {rows[i].get(LINE, i + 1)}", "not an sft example", detail)
+                for i, detail in found]
+    if section.on_error == "raise":
+        _raise(report.where, problems)
+    report.skipped += problems
+    if len(found) == len(ds):
+        raise DataError(f"{report.where}: every one of its {len(ds)} rows is bad (first: {problems[0]}). "
+                        f"Fix: {KINDS[problems[0].kind][1]}.")
+    bad = {i for i, _ in found}
+    return ds.select([i for i in range(len(ds)) if i not in bad])
 
 
 # ---------------------------------------------------------------------------------------------

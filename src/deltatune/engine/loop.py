@@ -35,6 +35,8 @@ from deltatune.evaluation import forgetting, generation, metrics
 from deltatune.methods import count_parameters
 from deltatune.methods.lora import is_quantized
 
+LM_LOGITS_BUDGET = 2**26  # logit values per evaluation batch of a language model without a target mask
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -353,7 +355,11 @@ def evaluate(model: torch.nn.Module, split: Split, num_labels: int, prec: precis
     model.eval()
     ds = split.dataset
     preds, golds, loss_sum, count = [], [], 0.0, 0
-    for ids in eval_batches(ds["length"], batch_size):
+    # Full language-model logits are rows x length x vocabulary (32 x 256 x 49,152 fp32 is 1.6 GB, and
+    # the loss makes another copy): batches are capped so that they stay near LM_LOGITS_BUDGET values.
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32_000
+    max_tokens = LM_LOGITS_BUDGET // vocab if lm and not keep_logits else None
+    for ids in eval_batches(ds["length"], batch_size, max_tokens):
         batch = {k: v.to(device) for k, v in collate(ds[ids], pad_id, lm=lm).items()}
         with prec.autocast():
             logits = model(**model_inputs(batch, lm, keep_logits)).logits

@@ -37,8 +37,8 @@ DIRNAME = "checkpoints"
 STATE = "trainer_state.json"
 NAME = re.compile(r"^step-(\d+)$")
 # Keys that may change between a run and its resume: they do not change what is computed.
-MAY_CHANGE = ("output.", "train.threads", "train.log_every", "train.compile", "train.save_every",
-              "train.keep_last", "train.max_bad_steps", "eval.batch_size", "data.on_error")
+MAY_CHANGE = ("output.", "train.threads", "train.log_every", "train.compile", "train.gradient_checkpointing",
+              "train.save_every", "train.keep_last", "train.max_bad_steps", "eval.batch_size", "data.on_error")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
