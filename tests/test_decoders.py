@@ -211,6 +211,10 @@ def test_cli_generate_and_inspect_data(sft_run, tiny_chat_llama, tmp_path):
     from deltatune.cli import app
 
     runner = CliRunner()
+    data = write_jsonl(tmp_path / "e.jsonl", sft_rows(8, seed=5, fmt="messages"))
+    res = runner.invoke(app, ["eval", sft_run["run_dir"], "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    assert "label_accuracy" in res.output and "answer" in res.output and "samples" not in res.output
     res = runner.invoke(app, ["generate", sft_run["run_dir"], "--prompt", "classify : the film was superb", "--json",
                               "--max-new-tokens", "12"])
     assert res.exit_code == 0, res.output

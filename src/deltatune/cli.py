@@ -45,7 +45,8 @@ def eval_(
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
-    """Evaluate a saved run: accuracy, precision, recall, F1, loss."""
+    """Evaluate a saved run: accuracy, precision, recall, F1, loss (classification); loss, perplexity and, for
+    sft runs scored by generation, exact match / label accuracy."""
     from deltatune import api
 
     result = api.evaluate(run_dir, data)
@@ -53,10 +54,15 @@ def eval_(
         out.print_json(json.dumps(result))
         return
     table = Table(title=f"eval {run_dir}" + (f" on {data}" if data else ""))
-    for key in result:
-        table.add_column(key, justify="right")
-    table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in result.values()])
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for key, v in result.items():
+        if not isinstance(v, (list, dict)):  # one metric a row: readable at any terminal width
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
+    for s in result.get("samples", []):  # generation-based metrics: a few answers to look at
+        out.print(f"[dim]answer[/] {escape(repr(s['answer']))}  [dim]reference[/] {escape(repr(s['reference']))}",
+                  highlight=False)
 
 
 @app.command()
