@@ -50,7 +50,7 @@ def test_truncated_rows_without_response_are_dropped_and_counted(tiny_chat_llama
     path = write_jsonl(tmp_path / "t.jsonl", sft_rows(10) + [long])
     cfg = config.load(None, [f"data.train={path}", "data.validation=null", "task=sft", "data.max_length=64"])
     bundle = build(cfg.data, AutoTokenizer.from_pretrained(tiny_chat_llama), task="sft")
-    assert bundle.stats["train_rows"] == 11 and bundle.stats["train_without_target"] == 1
+    assert bundle.stats["train_rows"] == 11 and bundle.stats["train"]["rows_without_target"] == 1
     assert bundle.stats["train_truncated"] >= 1 and len(bundle.train.dataset) == 10
 
 

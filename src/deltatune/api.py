@@ -309,11 +309,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str
     if template == "chat":
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = sft.alpaca_prompt(prompt) if template == "alpaca" else prompt
-    ids = tokenizer(text)["input_ids"]
-    # A post-processor may close the text with EOS; the prompt must stay open for the answer.
-    return ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
+        return sft.open_prompt(tokenizer, text, special=False)
+    return sft.open_prompt(tokenizer, sft.alpaca_prompt(prompt) if template == "alpaca" else prompt)
 
 
 @dataclass

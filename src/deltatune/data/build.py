@@ -87,9 +87,6 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
         "max_length": section.max_length, "on_error": section.on_error,
         **validate.report(reports, {"train": train, "validation": val}, section.max_length),
     })
-    if task == "sft":
-        stats.update(train_without_target=train.rows - len(train.dataset),
-                     validation_without_target=(val.rows - len(val.dataset)) if val else 0)
     if section.packing:
         # Only training is packed: evaluation scores each example on its own.
         train, stats["packing"] = packing.pack_split(train, section.max_length, section.seed)

@@ -14,31 +14,35 @@ with real tokens either.
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 IGNORE = -100
 
 
 def plan(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
-    """Groups of example indices whose lengths sum to <= max_length: best-fit decreasing, with a
-    seeded shuffle first so equal lengths do not always land together."""
+    """Groups of example indices whose lengths sum to <= max_length: best-fit decreasing (each example
+    goes to the fullest sequence it still fits in), with a seeded shuffle first so equal lengths do
+    not always land together. The open sequences are kept sorted by room left, so each placement is a
+    binary search, not a scan: O(n log n) for n examples."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths))
     order = order[np.argsort([-lengths[i] for i in order], kind="stable")]
     bins: list[list[int]] = []
-    room: list[int] = []
+    open_rooms: list[tuple[int, int]] = []  # (room left, bin index), sorted
     for i in order.tolist():
         n = lengths[i]
-        best, best_room = -1, max_length + 1
-        for b, r in enumerate(room):  # the fullest bin it still fits in
-            if n <= r < best_room:
-                best, best_room = b, r
-        if best < 0:
+        at = bisect.bisect_left(open_rooms, (n, -1))  # the smallest room that still fits n
+        if at == len(open_rooms):
             bins.append([i])
-            room.append(max_length - n)
+            room, b = max_length - n, len(bins) - 1
         else:
-            bins[best].append(i)
-            room[best] -= n
+            room, b = open_rooms.pop(at)
+            bins[b].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(open_rooms, (room, b))
     return bins
 
 

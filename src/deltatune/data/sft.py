@@ -134,12 +134,18 @@ def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: s
             labels[-1] = eos
         else:
             ids, labels = ids + [eos], labels + [eos]
-    prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
-    if special and prompt_ids and prompt_ids[-1] == eos:
-        prompt_ids = prompt_ids[:-1]  # a post-processor's EOS closes the text; the prompt must stay open
+    prompt_ids = open_prompt(tokenizer, prompt, special)
     truncated = len(ids) > max_length
     return Encoded(ids[:max_length], labels[:max_length], prompt_ids, messages[-1]["content"] if
                    messages[-1]["role"] == "assistant" else "", truncated)
+
+
+def open_prompt(tokenizer: PreTrainedTokenizerBase, text: str, special: bool = True) -> list[int]:
+    """Token ids of a rendered prompt, ending exactly where the answer begins: a post-processor's
+    trailing EOS (which would close the text) is dropped. `special`: the tokenizer's own BOS/EOS; off
+    for text a chat template rendered, which carries its own."""
+    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+    return ids[:-1] if special and ids and ids[-1] == tokenizer.eos_token_id else ids
 
 
 def show(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:

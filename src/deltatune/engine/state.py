@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from deltatune.engine.faults import kill_point
 from deltatune.errors import ConfigError
+from deltatune.methods.common import load_named
 
 DIRNAME = "checkpoints"
 STATE = "trainer_state.json"
@@ -270,14 +271,7 @@ class Saver:
                 delete(p)
 
     def load_weights(self, path: Path) -> None:
-        params, saved = trainable(self.model), load_file(str(path / "weights.safetensors"))
-        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        if missing or unexpected:
-            raise ConfigError(f"{path}: the checkpoint's weights do not match this model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}). Was it written for another model or method?")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
+        load_named(trainable(self.model), path / "weights.safetensors", f"{path}: the checkpoint's weights")
 
     def restore(self, path: Path, tokenizer, log) -> dict:
         """Load everything from checkpoint `path`; returns its trainer state (the loop's progress)."""

@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.methods.common import head_modules, layer_stack
+from deltatune.methods.common import head_modules, layer_stack, load_named
 from deltatune.sections import Section
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
@@ -181,8 +181,6 @@ class BottleneckAdapterModel(nn.Module):
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path,
                         is_trainable: bool = False) -> BottleneckAdapterModel:
         """Re-apply the saved adapters to `base_model` and load their (and the head's) weights, strictly."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
         if meta.get("peft_type") != PEFT_TYPE:
@@ -193,16 +191,7 @@ class BottleneckAdapterModel(nn.Module):
         model = cls(base_model, cfg, meta["target_modules"], meta["task"])
         if model.heads != meta["modules_to_save"]:
             raise ConfigError(f"{directory}: saved with head(s) {meta['modules_to_save']}, the base has {model.heads}")
-        params, state = model.saved_parameters(), load_file(str(directory / WEIGHTS_NAME))
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise ConfigError(f"{directory}: adapter weights do not match the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for key, p in params.items():
-                if p.shape != state[key].shape:
-                    raise ConfigError(f"{directory}: {key} has shape {tuple(state[key].shape)}, model {tuple(p.shape)}")
-                p.copy_(state[key])
+        load_named(model.saved_parameters(), directory / WEIGHTS_NAME, f"{directory}: the adapter weights")
         _set_trainable(model, is_trainable)
         return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -42,3 +43,22 @@ def peft_task_type(task: str):
     from peft import TaskType
 
     return {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM, "sft": TaskType.CAUSAL_LM}[task]
+
+
+def load_named(params: dict[str, torch.nn.Parameter], file: Path, what: str) -> None:
+    """Copy the tensors of a safetensors `file` into `params` by name, strictly: the same names and
+    shapes, or a ConfigError naming `what` (e.g. "adapter weights in DIR") and the first mismatches."""
+    from safetensors.torch import load_file
+
+    from deltatune.errors import ConfigError
+
+    saved = load_file(str(file))
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    shapes = [f"{k} {tuple(saved[k].shape)} vs model {tuple(p.shape)}" for k, p in params.items()
+              if k in saved and saved[k].shape != p.shape]
+    if missing or unexpected or shapes:
+        raise ConfigError(f"{what} do not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                          f"other shapes {shapes[:3]}). Was it written for another model or method?")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(saved[key])
