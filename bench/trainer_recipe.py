@@ -61,6 +61,7 @@ def main(variant: str) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
     t0 = time.perf_counter()
     trainer.train()
+    trainer.save_model()  # timed like deltatune's, whose training ends with the trained model on disk
     seconds = time.perf_counter() - t0
     pred = trainer.predict(test_ds)
     y_pred = np.argmax(pred.predictions, axis=-1)

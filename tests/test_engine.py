@@ -121,6 +121,7 @@ def test_precision_auto_is_explained_and_fp16_on_cpu_refused():
 def test_row_buffered_embedding_gradient_equals_autograd():
     """Two steps of accumulation with padding: the buffer holds exactly autograd's dense gradient."""
     from deltatune.engine.embedding_grad import row_buffered
+    from deltatune.engine.loop import clip_gradients
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -145,12 +146,70 @@ def test_row_buffered_embedding_gradient_equals_autograd():
                 ref(ids).backward()
                 buf(ids).backward()
             assert torch.equal(ref.emb.weight.grad, buf.emb.weight.grad)
+            # The written rows carry the whole norm (what gradient clipping reads).
+            assert torch.allclose(used.written().norm(), ref.emb.weight.grad.norm())
+            assert used.written().shape[0] < ref.emb.weight.shape[0]
+            opt = torch.optim.AdamW(buf.parameters(), fused=True)
+            assert torch.allclose(clip_gradients(opt, 1.0, True, rows=used), clip_gradients(opt, 1.0, True))
             assert ref.emb.weight.grad[0].abs().sum() == 0  # padding row gets no gradient
             ref.zero_grad(set_to_none=True)
             buf.zero_grad(set_to_none=True)
     assert buf.emb.weight.grad is None
     with row_buffered(buf, world=2) as used:
         assert not used  # DDP must see autograd's gradient
+
+
+def _first_token_classifier(family: str, attention: str):
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config_class, model_class = {"bert": (BertConfig, BertForSequenceClassification),
+                                 "roberta": (RobertaConfig, RobertaForSequenceClassification)}[family]
+    cfg = config_class(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       num_labels=3, pad_token_id=1)
+    cfg._attn_implementation = attention
+    return model_class(cfg)
+
+
+@pytest.mark.parametrize("family,attention", [("bert", "sdpa"), ("bert", "eager"), ("roberta", "sdpa")])
+def test_first_token_only_last_layer_keeps_logits_and_gradients(family, attention):
+    """Pruning the last layer to the token the head reads changes neither the logits nor any gradient."""
+    from deltatune.engine.first_token import first_token_only
+
+    ref = _first_token_classifier(family, attention)
+    pruned = _first_token_classifier(family, attention)
+    ids = torch.randint(3, 60, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:], mask[3, 2:] = 0, 0  # padding, including a row with one real token after the first
+    ids[mask == 0] = 1
+    labels = torch.tensor([0, 2, 1, 2])
+    ref.train(), pruned.train()
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    with first_token_only(pruned, "classification") as (used, why):
+        assert used, why
+        out = pruned(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+        out.loss.backward()
+        assert out.hidden_states[-1].shape[1] == 1  # the last layer really ran on one position
+    ref_out = ref(input_ids=ids, attention_mask=mask)
+    assert torch.allclose(out.logits, ref_out.logits, atol=1e-6)
+    for (name, a), b in zip(ref.named_parameters(), pruned.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5), name
+    # Afterwards the model is the transformers model again: every position of the last layer is computed.
+    assert pruned(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].shape[1] == 9
+
+
+def test_first_token_only_says_when_it_does_not_apply(tiny_llama):
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.engine.first_token import first_token_only
+
+    llama = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2)
+    with first_token_only(llama, "classification") as (used, why):
+        assert not used and "LlamaForSequenceClassification is not a first-token classifier" in why
+    bert = _first_token_classifier("bert", "sdpa")
+    with first_token_only(bert, "causal_lm") as (used, why):
+        assert not used and why == "task causal_lm"
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -40,13 +40,26 @@ class RowGradBuffer:
         self.padding_idx = embedding.padding_idx
         self.buffer = torch.zeros_like(self.weight)
         self.touched: list[torch.Tensor] = []
+        self._rows: torch.Tensor | None = None
+
+    def rows(self) -> torch.Tensor:
+        """The row indices written since the last clear: the only rows of the gradient that can be non-zero."""
+        if self._rows is None:
+            self._rows = torch.cat(self.touched).unique() if self.touched else torch.zeros(0, dtype=torch.long)
+        return self._rows
+
+    def written(self) -> torch.Tensor:
+        """The non-zero part of the gradient: its norm is the whole gradient's, for a fraction of the reads."""
+        return self.buffer.index_select(0, self.rows())
 
     def accumulate(self, ids: torch.Tensor, grad_out: torch.Tensor) -> None:
+        self._rows = None
         if self.weight.grad is None:
             # A new optimizer step (zero_grad set grads to None): clear only last step's rows.
             if self.touched:
-                self.buffer.index_fill_(0, torch.cat(self.touched).unique(), 0.0)
+                self.buffer.index_fill_(0, self.rows(), 0.0)
                 self.touched.clear()
+                self._rows = None
             self.weight.grad = self.buffer
         elif self.weight.grad is not self.buffer:
             raise RuntimeError("embedding gradient replaced behind the row buffer's back")
@@ -72,11 +85,11 @@ def eligible(model: torch.nn.Module, world: int) -> torch.nn.Embedding | None:
 
 
 @contextlib.contextmanager
-def row_buffered(model: torch.nn.Module, world: int) -> Iterator[bool]:
-    """Route the input embedding's gradient through a RowGradBuffer for the duration."""
+def row_buffered(model: torch.nn.Module, world: int) -> Iterator[RowGradBuffer | None]:
+    """Route the input embedding's gradient through a RowGradBuffer for the duration (None: not eligible)."""
     emb = eligible(model, world)
     if emb is None:
-        yield False
+        yield None
         return
     owner = RowGradBuffer(emb)
 
@@ -87,7 +100,7 @@ def row_buffered(model: torch.nn.Module, world: int) -> Iterator[bool]:
 
     emb.forward = forward
     try:
-        yield True
+        yield owner
     finally:
         del emb.forward  # back to the class's forward
         if emb.weight.grad is owner.buffer:

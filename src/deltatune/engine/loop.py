@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from deltatune.config import RunConfig
 from deltatune.data import DataBundle, Split
 from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
-from deltatune.engine import checkpoint, embedding_grad, faults, optim, precision, state
+from deltatune.engine import checkpoint, embedding_grad, faults, first_token, optim, precision, state
 from deltatune.engine.distributed import Dist
 from deltatune.engine.report import RunLog, console
 from deltatune.evaluation import forgetting, generation, metrics
@@ -135,7 +135,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     def eval_line(result: dict) -> str:
         return "  ".join(f"{k} {result[k]:.4f}" for k in metrics.TASK_METRICS[cfg.task] if k in result)
 
-    with RunLog(run_dir, dist.is_main, total_steps) as log, embedding_grad.row_buffered(model, dist.world) as rows:
+    with (RunLog(run_dir, dist.is_main, total_steps) as log, embedding_grad.row_buffered(model, dist.world) as row_grad,
+          first_token.first_token_only(model, cfg.task) as (pruned, pruned_why)):
         if resume is not None:
             p = saver.restore(resume, tokenizer, log)
             step, best, best_step, best_metrics, bad_evals = (p["step"], p["best"], p["best_step"],
@@ -147,7 +148,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
             log.progress.update(log.task, completed=step)
         log.print(f"[dim]precision {prec.name} ({prec.reason}); {trainable:,} of {total:,} parameters train; "
                   f"{total_steps} steps of {global_batch} examples; heap kept mapped: {heap_tuned}; "
-                  f"embedding gradient row-buffered: {rows}")
+                  f"embedding gradient row-buffered: {row_grad is not None}; last layer first token only: {pruned} "
+                  f"({pruned_why})")
         if probe is not None and resume is None:  # the base model: adapters (if any) switched off
             with base_only(model):
                 probe_before = evaluate(model, probe, 0, prec, dist.device, pad_id, cfg.eval.batch_size, lm=True)
@@ -183,7 +185,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     window_tokens += int(batch["attention_mask"].sum())
                 if scaler:
                     scaler.unscale_(optimizer)
-                grad_norm = clip_gradients(optimizer, tc.max_grad_norm, fold=scaler is None)
+                grad_norm = clip_gradients(optimizer, tc.max_grad_norm, fold=scaler is None, rows=row_grad)
                 skipped = guard.skip(step + 1, step_loss, grad_norm, scaler is not None, scheduler.get_last_lr()[0],
                                      log)
                 if skipped:
@@ -255,7 +257,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         "trainable_params": trainable, "total_params": total, "peak_rss_mb": round(peak_rss_mb(), 1),
         "best_step": best_step, "best_metric": cfg.metric, "best_metrics": best_metrics,
         "stopped_early": stopped_early, "evals": history, "world_size": dist.world, "heap_kept_mapped": heap_tuned,
-        "embedding_rows_buffered": rows, "quantized_base": is_quantized(model),
+        "embedding_rows_buffered": row_grad is not None, "last_layer_first_token_only": pruned,
+        "quantized_base": is_quantized(model),
         "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
                           "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups],
         "attention": getattr(model.config, "_attn_implementation", None),
@@ -323,14 +326,17 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, lm: bool, kept: bool =
                            ignore_index=-100, reduction="sum")
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fold: bool) -> torch.Tensor:
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fold: bool,
+                   rows: embedding_grad.RowGradBuffer | None = None) -> torch.Tensor:
     """Total gradient norm, clipped to `max_norm`.
 
     With fused AdamW the clip factor is folded into the optimizer's `grad_scale` (its kernel divides
-    each gradient by it while updating), saving a read-modify-write pass over every gradient.
+    each gradient by it while updating), saving a read-modify-write pass over every gradient. A
+    row-buffered embedding gradient adds only its written rows to the norm (the rest are zeros).
     """
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = torch.nn.utils.get_total_norm([rows.written() if rows is not None and p.grad is rows.buffer else p.grad
+                                          for p in params])
     if not max_norm:
         return norm
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
