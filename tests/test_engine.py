@@ -199,6 +199,38 @@ def test_first_token_only_last_layer_keeps_logits_and_gradients(family, attentio
     assert pruned(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].shape[1] == 9
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_first_token_only_under_peft(method):
+    """Through a peft wrapper too: LoRA-wrapped projections, and soft prompts (position 0 is then a virtual token)."""
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    from deltatune.engine.first_token import first_token_only
+
+    def build():
+        model = _first_token_classifier("bert", "eager")
+        cfg = (LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "key", "value", "dense"],
+                          init_lora_weights=False) if method == "lora"
+               else PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=3))
+        torch.manual_seed(1)
+        return get_peft_model(model, cfg)
+
+    ref, pruned = build(), build()
+    ids = torch.randint(3, 60, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    labels = torch.tensor([0, 1, 2])
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    with first_token_only(pruned, "classification") as (used, why):
+        assert used, why
+        out = pruned(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+    assert torch.allclose(out.logits, ref(input_ids=ids, attention_mask=mask).logits, atol=1e-6)
+    trained = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    assert trained
+    for (name, a), b in zip(trained, [p for p in pruned.parameters() if p.requires_grad], strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5), name
+
+
 def test_first_token_only_says_when_it_does_not_apply(tiny_llama):
     from transformers import AutoModelForSequenceClassification
 
