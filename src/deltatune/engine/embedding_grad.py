@@ -53,13 +53,11 @@ class RowGradBuffer:
         return self.buffer.index_select(0, self.rows())
 
     def accumulate(self, ids: torch.Tensor, grad_out: torch.Tensor) -> None:
-        self._rows = None
         if self.weight.grad is None:
             # A new optimizer step (zero_grad set grads to None): clear only last step's rows.
             if self.touched:
                 self.buffer.index_fill_(0, self.rows(), 0.0)
                 self.touched.clear()
-                self._rows = None
             self.weight.grad = self.buffer
         elif self.weight.grad is not self.buffer:
             raise RuntimeError("embedding gradient replaced behind the row buffer's back")
@@ -70,6 +68,7 @@ class RowGradBuffer:
             flat, rows = flat[keep], rows[keep]
         self.buffer.index_add_(0, flat, rows)
         self.touched.append(flat)
+        self._rows = None  # recomputed on demand; clipping's rows are reused to zero them next step
 
 
 def eligible(model: torch.nn.Module, world: int) -> torch.nn.Embedding | None:

@@ -75,9 +75,9 @@ def first_token_only(model: torch.nn.Module, task: str) -> Iterator[tuple[bool, 
         v = sa.value(hidden_states).view(batch, length, *heads).transpose(1, 2)
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[2] > 1:
             attention_mask = attention_mask[:, :, :1]  # the first query's row of the (B, 1, L, L) mask
-        impl = sa.config._attn_implementation
-        attend = family.eager_attention_forward if impl == "eager" else \
-            family.ALL_ATTENTION_FUNCTIONS.get_interface(impl, family.eager_attention_forward)
+        # The same dispatch as the model's own attention (eager gets the family's eager function).
+        attend = family.ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation,
+                                                              family.eager_attention_forward)
         out, weights = attend(sa, q, k, v, attention_mask, dropout=sa.dropout.p if sa.training else 0.0,
                               scaling=sa.scaling, **kwargs)
         return attention.output(out.reshape(batch, 1, -1).contiguous(), first), weights
