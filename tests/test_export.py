@@ -123,3 +123,68 @@ def test_merge_causal_lm_lora(make_config, tmp_path, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "llama"
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge targets: never delete what is not a previous merge (issue 10)
+
+
+@pytest.fixture
+def lora_in_parent(make_config, tmp_path):
+    """p/ holding the run p/lora, another run p/other and an unrelated file."""
+    parent = tmp_path / "p"
+    run = train(make_config, parent, "lora", **{"method.name": "lora", "method.r": 4})
+    (parent / "other").mkdir()
+    (parent / "other" / "summary.json").write_text("{}")
+    (parent / "notes.txt").write_text("keep me")
+    return parent, run
+
+
+def listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_merge_into_a_parent_or_the_run_itself_is_refused_before_loading(lora_in_parent, tmp_path, monkeypatch):
+    from deltatune.cli import app
+    from deltatune.export import merge as merge_mod
+
+    parent, run = lora_in_parent
+    before = listing(parent)
+    monkeypatch.setattr(merge_mod.api, "load_run", lambda *a, **k: pytest.fail("weights loaded"))
+    link = tmp_path / "link-to-p"
+    link.symlink_to(parent)
+    for out in (parent, run, run / "adapter", run / "merged", tmp_path, link):
+        for overwrite in (False, True):
+            with pytest.raises(DeltatuneError, match="contains the run|inside the run"):
+                merge_mod.merge(run, out, overwrite=overwrite)
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["merge", str(run), str(parent), "--overwrite"])
+    assert r.exit_code != 0 and "contains the run" in " ".join(str(r.exception).split())
+    assert listing(parent) == before
+
+
+def test_merge_into_a_non_empty_directory_needs_overwrite_and_a_previous_merge(lora_in_parent, tmp_path):
+    from deltatune.export.merge import merge
+
+    parent, run = lora_in_parent
+    before = listing(parent)
+    for overwrite in (False, True):  # other runs and files are never replaced
+        with pytest.raises(DeltatuneError, match="not empty" if not overwrite else "not a previous merge"):
+            merge(run, parent / "other", overwrite=overwrite)
+    assert listing(parent) == before
+    out = tmp_path / "merged"
+    merge(run, out)
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(DeltatuneError, match="--overwrite"):
+        merge(run, out)
+    (out / "mine.txt").write_text("x")  # a previous merge is replaced as a whole, with --overwrite only
+    merge(run, out, overwrite=True)
+    assert (out / "merge_report.json").exists() and not (out / "mine.txt").exists()
+    assert (out / "model.safetensors").stat().st_mtime_ns != first
+    assert not any(p.name.startswith(".") for p in out.iterdir()), "the lock file is gone after the merge"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    merge(run, empty)  # an existing empty directory is fine
+    assert (empty / "merge_report.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from deltatune.errors import DeltatuneError
+from deltatune.errors import DataError, DeltatuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained transformers, fully or with a small delta.")
@@ -81,25 +82,69 @@ def predict(
         if not items:
             raise DeltatuneError("predict: give RUN_DIR and texts, or --run RUN_DIR ... and texts")
         runs = [Path(items.pop(0))]
-    items += _read_lines(file)
+    # Where each text came from, kept on its row: outputs line up with inputs, blank ones included.
+    where = [{"arg": n} for n in range(1, len(items) + 1)]
+    lines = _read_lines(file)
+    items += [text for _, text in lines]
+    where += [{"line": n} for n, _ in lines]
     if not items:
         raise DeltatuneError("predict: give texts as arguments or --file FILE")
     if len(runs) == 1:
-        results = [{"run": str(runs[0]), **r} for r in api.predict(runs[0], items)]
+        results = [{"run": str(runs[0]), **w, **r} for w, r in zip(where, api.predict(runs[0], items))]
     else:
         from deltatune.inference import MultiAdapter
 
         served = MultiAdapter(runs)  # the base model is loaded once for all runs
-        results = [r for run in runs for r in served.predict(items, run)]
+        results = [{"run": str(run), **w, **r} for run in runs for w, r in zip(where, served.predict(items, run))]
+    source = "stdin" if str(file) == "-" else str(file)
+    for warning in _predict_warnings(results[:len(items)], source):  # rows repeat per run; count inputs once
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if as_json:
         for r in results:
             print(json.dumps(r, ensure_ascii=False))
         return
+    _predict_table(results, multi=len(runs) > 1)
+
+
+def _where(row: dict, source: str) -> str:
+    return f"{source}:{row['line']}" if "line" in row else f"argument {row['arg']}"
+
+
+def _predict_warnings(rows: list[dict], source: str) -> list[str]:
+    """One line per kind of flagged input, with a count and where the first few are."""
+    def places(flagged: list[dict]) -> str:
+        shown = ", ".join(_where(r, source) + (f": {r['tokens']} of {r['tokens_total']:,} tokens kept"
+                                               if r["truncated"] else "") for r in flagged[:5])
+        return shown + (f" and {len(flagged) - 5} more" if len(flagged) > 5 else "")
+
+    def count(flagged: list[dict]) -> str:
+        return f"{len(flagged)} of {len(rows)} texts {'is' if len(flagged) == 1 else 'are'}"
+
+    warnings = []
+    blank = [r for r in rows if r["problem"] is not None]
+    if blank:
+        warnings.append(f"{count(blank)} empty or blank ({places(blank)}): not scored; their rows keep their "
+                        f"place with no label and problem \"{blank[0]['problem']}\".")
+    cut = [r for r in rows if r["truncated"]]
+    if cut:
+        warnings.append(f"{count(cut)} longer than the run's data.max_length and truncated ({places(cut)}): the "
+                        f"prediction saw only the beginning. Fix: shorten or split such texts, or train with a "
+                        f"larger data.max_length.")
+    return warnings
+
+
+def _predict_table(results: list[dict], multi: bool) -> None:
+    """Long texts shortened (--json keeps them whole); blank and truncated rows say so."""
+    notes = any(r["problem"] or r["truncated"] for r in results)
     table = Table(title="predictions")
-    for col in (["run"] if len(runs) > 1 else []) + ["text", "label", "score"]:
+    for col in (["run"] if multi else []) + ["input", "text", "label", "score"] + (["note"] if notes else []):
         table.add_column(col, overflow="fold", justify="right" if col == "score" else "left")
     for r in results:
-        table.add_row(*([r["run"]] if len(runs) > 1 else []), r["text"], r["label"], f"{r['score']:.3f}")
+        text = r["text"] if len(r["text"]) <= 80 else f"{r['text'][:80]}... ({len(r['text']):,} characters)"
+        note = r["problem"] or (f"truncated: {r['tokens']} of {r['tokens_total']:,} tokens" if r["truncated"] else "")
+        table.add_row(*([r["run"]] if multi else []), f"line {r['line']}" if "line" in r else f"arg {r['arg']}",
+                      escape(text), r["label"] or "-", "-" if r["score"] is None else f"{r['score']:.3f}",
+                      *([note] if notes else []))
     out.print(table)
 
 
@@ -108,11 +153,14 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(help="a finished adapter run (lora, ia3, ...)")],
     out_dir: Annotated[Path, typer.Argument(help="where to write the merged Hugging Face model")],
     tolerance: Annotated[float, typer.Option(help="largest allowed |merged - unmerged| output difference")] = 1e-4,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace OUT_DIR if it holds a previous merge "
+                                            "(never anything else)")] = False,
 ) -> None:
-    """Merge a run's adapter into its base model, verified on sample inputs; writes a plain HF model."""
+    """Merge a run's adapter into its base model, verified on sample inputs; writes a plain HF model.
+    OUT_DIR must be new or empty, or a previous merge with --overwrite."""
     from deltatune.export.merge import merge as do_merge
 
-    report = do_merge(run_dir, out_dir, tolerance)
+    report = do_merge(run_dir, out_dir, tolerance, overwrite=overwrite)
     out.print(f"merged {report['method']} adapter into {out_dir}: max |merged - unmerged| = "
               f"{report['max_abs_diff']:.3g} over {report['samples']} samples (tolerance {tolerance:g})",
               soft_wrap=True)
@@ -141,7 +189,7 @@ def generate(
 
     if template not in (None, "chat", "alpaca", "raw"):
         raise DeltatuneError(f"--template {template}: use chat, alpaca or raw")
-    texts = list(prompts or []) + _read_lines(file)
+    texts = list(prompts or []) + [line for _, line in _read_lines(file) if line.strip()]
     if not texts:
         raise DeltatuneError("no prompts: pass --prompt TEXT (repeatable) or --file FILE")
     results = api.generate(run_dir, texts, max_new_tokens, sample, temperature, top_p, seed, template)
@@ -257,12 +305,34 @@ def _load_config(config: Path | None, overrides: list[str] | None):
     return config_mod.load(config, list(overrides or []))
 
 
-def _read_lines(file: Path | None) -> list[str]:
-    """Non-empty lines of FILE ('-' reads stdin); none without a file."""
+def _read_lines(file: Path | None) -> list[tuple[int, str]]:
+    """(line number, text) for every line of FILE ('-' reads stdin), blank ones included so callers can
+    say which line a result answers; none without a file. UTF-8, with or without a byte-order mark."""
     if file is None:
         return []
-    lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text(encoding="utf-8").splitlines()
-    return [line for line in lines if line.strip()]
+    name = "stdin" if str(file) == "-" else str(file)
+    try:
+        data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    except OSError as e:
+        raise DataError(f"--file {file}: cannot read it: {(e.strerror or str(e)).lower()}. Fix: check the path "
+                        f"('-' reads standard input).") from None
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # Excel/Notepad "UTF-8 with BOM"
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = data.count(b"\n", 0, at) + 1
+        column = at - (data.rfind(b"\n", 0, at) + 1) + 1
+        raise DataError(f"{name}: line {line} is not UTF-8 text (byte {column} of the line is 0x{data[at]:02x}). "
+                        f"Fix: re-save the file as UTF-8 (your editor's \"save "
+                        f"with encoding\", or e.g. `iconv -f latin1 -t utf-8 {name} > fixed.txt` for Latin-1)."
+                        ) from None
+    # Split on newlines only (str.splitlines also splits on form feeds and other separators, so its
+    # line numbers would not be the ones an editor shows); a final newline ends the last line.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [(n, line.removesuffix("\r")) for n, line in enumerate(lines, start=1)]
 
 
 def main() -> None:

@@ -84,8 +84,9 @@ def _remote_code(cfg) -> None:
                       f"model.trust_remote_code=true if you trust its source.")
 
 
-def merge(run_dir: str | Path, out_dir: str | Path) -> None:
-    """Before `deltatune merge` loads anything: the run must hold a mergeable adapter."""
+def merge(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> None:
+    """Before `deltatune merge` loads anything: the run must hold a mergeable adapter, and the output must be
+    a place where writing destroys nothing but a previous merge."""
     from deltatune import config as config_mod
     from deltatune import methods
 
@@ -93,6 +94,7 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> None:
     if not (path / "config.yaml").is_file():
         raise DeltatuneError(f"{path}: not a finished deltatune run (missing config.yaml). "
                              f"Fix: pass the output.dir of a run that completed `deltatune train`.")
+    merge_target(path, out_dir, overwrite)
     cfg = config_mod.load(path / "config.yaml")
     method = methods.REGISTRY[cfg.method.name]
     if method.saves != "adapter":
@@ -101,7 +103,32 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> None:
     if not method.mergeable:
         raise DeltatuneError(f"{run_dir}: method `{method.name}` cannot be merged: {method.why_not_mergeable}. "
                              f"Serve it with its base model (deltatune predict), or train LoRA/IA3 to merge.")
-    out = Path(out_dir).resolve()
-    if out == path.resolve() or path.resolve() in out.parents:
+
+
+def merge_target(run_dir: str | Path, out_dir: str | Path, overwrite: bool) -> None:
+    """The merge replaces OUT as a whole. Refused: an OUT that contains the run or lies inside it (even with
+    --overwrite; paths compared after resolving symlinks), a file, and an existing non-empty OUT unless
+    --overwrite is given and OUT holds a previous merge (its merge_report.json)."""
+    from deltatune.engine import runlock
+
+    run, out = Path(run_dir).resolve(), Path(out_dir).resolve()
+    if out == run or out in run.parents:
+        raise DeltatuneError(f"merge: the output {out_dir} contains the run {run_dir} (and perhaps other files); "
+                             f"writing the merge there would replace all of it. Fix: name a new directory, "
+                             f"e.g. {Path(out_dir) / 'merged'}.")
+    if run in out.parents:
         raise DeltatuneError(f"merge: the output {out_dir} is inside the run directory {run_dir}, which later "
                              f"commands would misread. Fix: write the merged model somewhere else.")
+    if out.exists() and not out.is_dir():
+        raise DeltatuneError(f"merge: the output {out_dir} is a file. Fix: name a new directory.")
+    held = [p.name for p in out.iterdir() if p.name != runlock.LOCK] if out.is_dir() else []
+    if not held:
+        return
+    shown = ", ".join(sorted(held)[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+    if not overwrite:
+        raise DeltatuneError(f"merge: the output {out_dir} exists and is not empty ({shown}). Fix: name a new "
+                             f"directory, or pass --overwrite to replace a previous merge there.")
+    if not (out / "merge_report.json").is_file():
+        raise DeltatuneError(f"merge: the output {out_dir} is not a previous merge (no merge_report.json; it holds "
+                             f"{shown}); --overwrite only replaces what `deltatune merge` wrote. Fix: name a new "
+                             f"directory.")

@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from deltatune.engine import faults, runlock
 from deltatune.engine.faults import kill_point
 
 # transformers draws a progress bar per save; with a save per improved eval that is noise.
@@ -30,22 +31,32 @@ def artifact_dir(run_dir: Path, model: torch.nn.Module) -> Path:
 
 def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
     target = artifact_dir(run_dir, model)
-    save_model(model, tokenizer, target)
+    save_model(model, tokenizer, target, what=f"the best {target.name} of the run")
+    runlock.artifact_saved(run_dir)  # a run this one replaces (output.overwrite) can go now
     return target
 
 
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path,
-               extra: dict[str, str] | None = None) -> None:
+               extra: dict[str, str] | None = None, what: str = "the model") -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for name, text in (extra or {}).items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as e:  # a full disk or a read-only directory gets a sentence; anything else stays a bug
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous complete copy is untouched
+        failure = faults.write_failure(e, target, what)
+        if failure is None:
+            raise
+        raise failure from None
     old = target.with_name(f".{target.name}.old")
+    if (target / runlock.LOCK).exists():  # a locked merge output: the held lock file moves into the new copy
+        os.replace(target / runlock.LOCK, tmp / runlock.LOCK)
     if target.exists():
         os.replace(target, old)
     kill_point("artifact")  # tests: killed between the two renames; `recover` puts the old copy back
@@ -54,12 +65,22 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, targe
 
 
 def recover(run_dir: Path) -> None:
-    """Undo what a kill inside `save_model` left: the complete old copy comes back, a partial new one goes."""
+    """Undo what a kill left: inside `save_model`, the complete old copy comes back and a partial new one goes;
+    inside a replacement of the whole run (output.overwrite), see `runlock.settle`."""
+    runlock.settle_unlocked(run_dir)
     for name in ("model", "adapter"):
-        target, old, tmp = run_dir / name, run_dir / f".{name}.old", run_dir / f".{name}.tmp"
-        if old.exists():
-            if target.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        recover_target(run_dir / name)
+
+
+def recover_target(target: Path) -> None:
+    """One `save_model` target: a complete old copy left aside comes back; a partial new one goes."""
+    old, tmp = target.with_name(f".{target.name}.old"), target.with_name(f".{target.name}.tmp")
+    if old.exists():
+        if target.exists() and any(p.name != runlock.LOCK for p in target.iterdir()):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if target.exists():  # only the lock of the command now writing it: keep it
+                os.replace(target / runlock.LOCK, old / runlock.LOCK)
+                target.rmdir()
+            os.replace(old, target)
+    shutil.rmtree(tmp, ignore_errors=True)

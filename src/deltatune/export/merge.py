@@ -14,7 +14,7 @@ import torch
 
 from deltatune import api, methods, models
 from deltatune.data.batching import collate
-from deltatune.engine import checkpoint
+from deltatune.engine import checkpoint, runlock
 from deltatune.errors import DeltatuneError
 from deltatune.methods.lora import is_quantized
 
@@ -63,10 +63,24 @@ def dequantized_copy(run: api.LoadedRun) -> torch.nn.Module:
     return PeftModel.from_pretrained(base32, run.path / "adapter")
 
 
-def merge(run_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-4) -> dict:
+def merge(run_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-4, overwrite: bool = False) -> dict:
+    """Merge the adapter of `run_dir` into its base and write it to `out_dir`, which must be new, empty, or
+    (with `overwrite`) a previous merge; it is locked against other writers for the whole merge."""
     from deltatune import preflight
 
-    preflight.merge(run_dir, out_dir)  # refuses what cannot be merged before any weight is loaded
+    # Refused before any weight is loaded: what cannot merge, and an output whose files a merge would destroy.
+    preflight.merge(run_dir, out_dir, overwrite)
+    with runlock.hold(out_dir, "deltatune merge") as lock:
+        try:
+            return _merge_locked(Path(run_dir), Path(out_dir), tolerance, overwrite)
+        except BaseException:
+            lock.discard = lock.created  # the directory made for the lock goes again
+            raise
+
+
+def _merge_locked(run_dir: Path, out: Path, tolerance: float, overwrite: bool) -> dict:
+    from deltatune import preflight
+
     run = api.load_run(run_dir, device="cpu")
     method = methods.REGISTRY[run.config.method.name]
     batch = sample_batch(run)
@@ -93,10 +107,10 @@ def merge(run_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-4) -> 
               "prompt_template": api.prompt_template(run.config, run.tokenizer)}
     if diff > tolerance:
         raise DeltatuneError(f"merge verification failed: merged and unmerged outputs differ by {diff:.3g} "
-                             f"(> tolerance {tolerance:g}); nothing was written to {out_dir}.")
+                             f"(> tolerance {tolerance:g}); nothing was written to {out}.")
+    preflight.merge_target(run_dir, out, overwrite)  # again, under the lock: nothing arrived in OUT meanwhile
     # Atomically (temp dir, fsync, rename): a killed merge never leaves a half-written model behind.
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_model(merged, run.tokenizer, out,
-                          extra={"merge_report.json": json.dumps(report, indent=1)})
+    checkpoint.recover_target(out)
+    checkpoint.save_model(merged, run.tokenizer, out, extra={"merge_report.json": json.dumps(report, indent=1)},
+                          what="the merged model")
     return report
