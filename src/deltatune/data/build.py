@@ -130,7 +130,7 @@ def tokenize_sft(name: str, ds: datasets.Dataset, section: DataSection, tokenize
 
 
 def _label_set(ds: datasets.Dataset, column: str) -> list[str]:
-    values = {str(v) for v in ds.unique(column)}
+    values = {validate.label_of(v) for v in ds.unique(column)} - {None}
     # Integer labels sort numerically so that "10" comes after "9" and ids match the numbers.
     if all(v.lstrip("-").isdigit() for v in values):
         return sorted(values, key=int)
@@ -155,7 +155,7 @@ def tokenize_split(name: str, ds: datasets.Dataset, section: DataSection, tokeni
         full = tokenizer(*texts, truncation=False)["input_ids"]
         out = {"input_ids": ids, "length": [len(x) for x in ids], "truncated": [len(f) > room for f in full]}
         if with_labels:
-            out["labels"] = [label_id[str(v)] for v in batch[section.label]]
+            out["labels"] = [label_id[validate.label_of(v)] for v in batch[section.label]]
         return out
 
     # `map` results are cached on disk by the fingerprint of data + function + tokenizer.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 from pathlib import Path
 
@@ -32,11 +33,13 @@ def read(spec: str, columns: list[str] | None = None) -> datasets.Dataset:
         raise ConfigError(f"{path}: unsupported file type `{path.suffix}`; use one of {', '.join(FORMATS)}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
-    kwargs: dict = {}
+    # Excel's "CSV UTF-8" (and some editors) start the file with a byte-order mark: not part of the first
+    # column's name or the first line's text.
+    kwargs: dict = {"encoding": "utf-8-sig"} if fmt != "parquet" and has_bom(path) else {}
     if fmt == "csv":
         tsv = path.suffix.lower() == ".tsv"
         # Quotes in TSV text are literal characters (SST-2 has many), not field delimiters.
-        kwargs = {"sep": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
+        kwargs.update({"sep": "\t", "quoting": csv.QUOTE_NONE} if tsv else {})
         names = columns or _header(path, tsv)
         if columns:
             kwargs.update(header=None, names=columns)
@@ -55,8 +58,13 @@ def read(spec: str, columns: list[str] | None = None) -> datasets.Dataset:
     return ds
 
 
+def has_bom(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+
+
 def _header(path: Path, tsv: bool) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
         return next(reader, [])
 

@@ -6,7 +6,11 @@ Two passes:
    columns (against the CSV header, or the columns most JSON lines have), text that is not a string.
    Under `data.on_error: skip` the good lines are copied to a cleaned file that `datasets` reads.
 2. On the loaded rows: missing or empty (whitespace-only) text, text over `data.max_chars`, missing
-   labels, labels outside the label set, validation classes that training never has, duplicate ids.
+   labels, labels outside the label set, validation classes that training never has, duplicate ids,
+   labels that differ from a more common one only by case, a label column mixing numbers and names.
+
+Labels are compared without surrounding whitespace (`label_of`): "pos " and "pos" are one class. A
+UTF-8 byte-order mark (Excel's "CSV UTF-8") is not part of the first line.
 
 Every row keeps its file line (column `__line__`) through splits, so messages point at the file.
 For each split, rows read = rows used + rows skipped (+ rows held out for a validation fraction).
@@ -14,10 +18,12 @@ For each split, rows read = rows used + rows skipped (+ rows held out for a vali
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +38,10 @@ from deltatune.errors import DataError
 MAX_SHOWN = 5  # offending rows quoted in an error, and kept as a sample in summary.json
 LINE = "__line__"
 console = Console(stderr=True)
+
+# A few labels of the other kind (numbers among names) are strays to drop under on_error: skip; more
+# than this share means two encodings of the same classes (e.g. two merged sources), not strays.
+MIXED_SKIP_SHARE = 0.10
 
 # kind -> (how a message describes rows of this kind, how to fix them)
 KINDS = {
@@ -55,8 +65,22 @@ KINDS = {
     "class missing from training": ("whose label never occurs in the training data",
                                     "add training rows with these labels, or remove them from the validation data "
                                     "(a model cannot learn a class it never sees)"),
+    "label case": ("whose label differs from a more common label only in upper/lower case",
+                   "spell each label one way (labels are case-sensitive: `Pos` and `pos` would be two classes); "
+                   "data.on_error=skip drops the rows with the less common spelling, listed here"),
+    "mixed labels": ("whose kind of label differs from most rows (a name among numbers, or the reverse)",
+                     "write every label the same way, all names (e.g. neg, pos) or all numbers (e.g. 0, 1): in a "
+                     "mixed column `1` and `pos` are two different classes; data.on_error=skip drops the rows of "
+                     "the less common kind, listed here"),
+    "mixed label kinds": ("in a label column that mixes numbers and names, too many to drop",
+                          "map one kind onto the other in the file (e.g. 0 -> neg, 1 -> pos), so that each class has "
+                          f"one label; this cannot be skipped: more than {MIXED_SKIP_SHARE:.0%} of the rows would be "
+                          f"lost, and only you know which number means which name"),
 }
-FATAL = {"unclosed quote"}  # raised even under on_error: skip
+FATAL = {"unclosed quote", "mixed label kinds"}  # raised even under on_error: skip
+NUMBER = re.compile(r"[-+]?\d+(\.\d+)?")
+KIND_WORDS = {"number": ("a number", "numbers"), "name": ("a name", "names"),
+              "quoted number": ("a number in quotes", "numbers in quotes"), "true/false": ("true/false", "true/false")}
 
 
 @dataclass
@@ -110,6 +134,64 @@ def _raise(where: str, problems: list[Problem], extra: dict[str, str] | None = N
 
 
 # ---------------------------------------------------------------------------------------------
+# Labels
+
+
+def label_of(value) -> str | None:
+    """A label as the label set holds it: surrounding whitespace is not part of it ("pos " is "pos");
+    a missing or blank label is None."""
+    if value is None:
+        return None
+    text = value.strip() if isinstance(value, str) else str(value)
+    return text or None
+
+
+def label_kind(value, json_types: bool = False) -> str:
+    """How a label is written: a number or a name. In a JSON line the type counts too, since `datasets`
+    cannot hold 1 and "1" (or true) in one column."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "number"
+    if NUMBER.fullmatch(str(value).strip()):
+        return "quoted number" if json_types else "number"
+    return "name"
+
+
+def mixed_labels(rows: list[tuple[int, int, object]], unit: str, json_types: bool = False) -> dict[int, Problem]:
+    """Rows (key, line, label) whose kind of label is not the most common kind, by key. A few are strays
+    (skippable); more than MIXED_SKIP_SHARE are a second encoding of the classes (never skipped)."""
+    kinds = [label_kind(v, json_types) for _, _, v in rows]
+    counts = Counter(kinds)
+    if len(counts) < 2:
+        return {}
+    major, n_major = counts.most_common(1)[0]
+    first = next(line for (_, line, _), k in zip(rows, kinds) if k == major)
+    seen = sorted({label_of(v) for (_, _, v), k in zip(rows, kinds) if k == major}, key=str)
+    examples = ", ".join(repr(v) for v in seen[:3]) + (", ..." if len(seen) > 3 else "")
+    kind = "mixed label kinds" if len(rows) - n_major > MIXED_SKIP_SHARE * len(rows) else "mixed labels"
+    return {key: Problem(f"{unit} {line}", kind, f"label {v!r} is {KIND_WORDS[k][0]}, where {n_major} of "
+                                                 f"{len(rows)} labels are {KIND_WORDS[major][1]} ({examples}; "
+                                                 f"first: {unit} {first})")
+            for (key, line, v), k in zip(rows, kinds) if k != major}
+
+
+def case_clashes(rows: list[tuple[int, int, str]], unit: str) -> dict[int, Problem]:
+    """Rows (key, line, label) spelled differently from a more common label only by case, by key."""
+    count = Counter(label for _, _, label in rows)
+    first: dict[str, int] = {}
+    for _, line, label in rows:
+        first.setdefault(label, line)
+    groups: dict[str, list[str]] = {}
+    for label, _ in count.most_common():
+        groups.setdefault(label.casefold(), []).append(label)
+    main = {other: group[0] for group in groups.values() for other in group[1:]}  # spelling -> most common
+    return {key: Problem(f"{unit} {line}", "label case", f"label {label!r}, where {count[main[label]]} rows spell it "
+                                                         f"{main[label]!r} (first: {unit} {first[main[label]]})")
+            for key, line, label in rows if label in main}
+
+
+# ---------------------------------------------------------------------------------------------
 # Pass 1: the file, line by line
 
 
@@ -122,6 +204,8 @@ class Scan:
 
 
 def _utf8(raw: bytes, n: int) -> tuple[str, Problem | None]:
+    if n == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)  # Excel's "CSV UTF-8": a byte-order mark, not text
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
@@ -131,6 +215,7 @@ def _utf8(raw: bytes, n: int) -> tuple[str, Problem | None]:
 
 def scan_jsonl(path: Path, text_cols: list[str], label: str | None) -> Scan:
     rows: list[tuple[int, int]] = []  # (line, id of its key set)
+    label_at: dict[int, object] = {}  # line -> its label, for labels of mixed kinds (1 and "pos")
     keysets: dict[frozenset, int] = {}
     problems: list[Problem] = []
     with open(path, "rb") as f:
@@ -161,6 +246,8 @@ def scan_jsonl(path: Path, text_cols: list[str], label: str | None) -> Scan:
                                                                  f"not a single label"))
                 continue
             rows.append((n, keysets.setdefault(frozenset(obj), len(keysets))))
+            if label and label_of(obj.get(label)) is not None:
+                label_at[n] = obj[label]
     # The schema is what most lines have; a line with other keys has missing or extra columns.
     common = Counter(k for _, k in rows).most_common(1)[0][0] if rows else -1
     by_id = {i: keys for keys, i in keysets.items()}
@@ -176,6 +263,11 @@ def scan_jsonl(path: Path, text_cols: list[str], label: str | None) -> Scan:
                 ([f"extra column(s) {', '.join(f'`{c}`' for c in extra)}"] if extra else [])
         have = ", ".join(sorted(schema))
         problems.append(Problem(f"line {n}", "columns", "; ".join(parts) + f" (most lines have: {have})"))
+    # `datasets` cannot hold 1 and "pos" in one column (it fails, or makes them two classes): found here.
+    mixed = mixed_labels([(n, n, label_at[n]) for n, _ in good if n in label_at], "line", json_types=True)
+    if mixed:
+        good = [g for g in good if g[0] not in mixed]
+        problems += mixed.values()
     problems.sort(key=lambda p: int(p.where.split()[1]))
     return Scan(good, problems)
 
@@ -248,6 +340,8 @@ def _cleaned_copy(path: Path, scan: Scan) -> Path:
             while current is not None and current[1] < n:
                 current = next(ranges, None)
             if n <= scan.header_lines or (current is not None and current[0] <= n <= current[1]):
+                if n == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
                 if not raw.endswith((b"\n", b"\r")):
                     raw += b"\n"
                 out.write(raw)
@@ -267,7 +361,7 @@ def read(spec: str, section, name: str, lm: bool = False) -> tuple[datasets.Data
     text_cols = [c for c in (section.text, section.text_pair) if c]
     scan = None
     with open(path, "rb") as f:
-        json_array = f.read(4096).lstrip()[:1] == b"["
+        json_array = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"["
     if suffix in (".jsonl", ".json") and not json_array:
         scan = scan_jsonl(path, text_cols, None if lm else section.label)
     elif sources.FORMATS.get(suffix) == "csv":
@@ -318,6 +412,7 @@ def check(ds: datasets.Dataset, section, report: SplitReport, lm: bool = False, 
     lines = table[LINE] if LINE in table else range(first_line, first_line + len(ds))
     max_chars = section.max_chars or 1000 * section.max_length
     allowed = set(labels) if labels is not None else None
+    folded = {name.casefold(): name for name in labels or []}
     problems: dict[int, Problem] = {}
     seen: dict[str, int] = {}
 
@@ -326,14 +421,16 @@ def check(ds: datasets.Dataset, section, report: SplitReport, lm: bool = False, 
 
     for i in range(len(ds)):
         if allowed is not None:
-            v = table[label][i]
+            v = label_of(table[label][i])
             if v is None:
                 bad(i, "missing value", f"`{label}` is missing")
-            elif str(v) not in allowed:
-                bad(i, "unknown label", f"label {str(v)!r}" + (" (no training row has it)" if train_labels is not None
-                                                                 else ""))
-            elif train_labels is not None and str(v) not in train_labels:
-                bad(i, "class missing from training", f"label {str(v)!r}")
+            elif v not in allowed:
+                same = folded.get(v.casefold())
+                bad(i, "unknown label", f"label {v!r}" + (f" (the label set has {same!r}; labels are case-sensitive)"
+                                                          if same else " (no training row has it)"
+                                                          if train_labels is not None else ""))
+            elif train_labels is not None and v not in train_labels:
+                bad(i, "class missing from training", f"label {v!r}")
             continue
         for c in text_cols:
             v = table[c][i]
@@ -345,7 +442,7 @@ def check(ds: datasets.Dataset, section, report: SplitReport, lm: bool = False, 
                 bad(i, "empty text", f"`{c}` is empty")
             elif len(v) > max_chars:
                 bad(i, "over-long", f"`{c}` has {len(v):,} characters (data.max_chars={max_chars:,})")
-        if label and table[label][i] is None:
+        if label and label_of(table[label][i]) is None:
             bad(i, "missing value", f"`{label}` is missing")
         if id_col:
             v = table[id_col][i]
@@ -355,10 +452,17 @@ def check(ds: datasets.Dataset, section, report: SplitReport, lm: bool = False, 
                 bad(i, "duplicate id", f"id {str(v)!r} again (first at {report.unit} {seen[str(v)]})")
             else:
                 seen[str(v)] = lines[i]
+    if labels is None and label:  # the label column as a whole: one kind of label, one spelling per class
+        given = [(i, lines[i], table[label][i]) for i in range(len(ds))
+                 if i not in problems and label_of(table[label][i]) is not None]
+        for i, p in mixed_labels(given, report.unit).items():
+            problems[i] = p
+        given = [(i, n, label_of(v)) for i, n, v in given if i not in problems]
+        problems.update(case_clashes(given, report.unit))
     if not problems:
         return ds
     found = [problems[i] for i in sorted(problems)]
-    if section.on_error == "raise":
+    if section.on_error == "raise" or any(p.kind in FATAL for p in found):
         missing = sorted({p.detail.removeprefix("label ") for p in found if p.kind == "class missing from training"})
         _raise(report.where, found, {"unknown label": f" {labels}",
                                      "class missing from training": f" ({', '.join(missing)})"})
