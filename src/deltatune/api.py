@@ -21,7 +21,7 @@ from transformers import (
 
 from deltatune import config as config_mod
 from deltatune import data as data_mod
-from deltatune import methods, models
+from deltatune import inference, methods, models
 from deltatune.config import RunConfig
 from deltatune.data import sources, validate
 from deltatune.data.batching import collate, eval_batches
@@ -269,25 +269,21 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
 
 @torch.no_grad()
 def predict(run_dir: str | Path | LoadedRun, texts: list[str], batch_size: int = 64) -> list[dict]:
-    """Label and per-label probabilities for each text."""
+    """One row per text, in order: `label`, its probability `score` and every label's in `scores`;
+    `tokens` kept of `tokens_total`, `truncated` when the text was longer than data.max_length; a blank
+    text is not scored (label, score, scores None) and its `problem` says "empty text"."""
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
     if run.config.task != "classification":
         raise DeltatuneError(f"{run.path}: predict labels texts with a classification run; this is a "
                              f"{run.config.task} run. Use `deltatune eval` for its loss/perplexity.")
-    if not texts:
-        return []
-    enc = run.tokenizer(texts, truncation=True, max_length=run.config.data.max_length)["input_ids"]
+    keep, enc, rows = inference.encode(run.tokenizer, texts, run.config.data.max_length)
     device = next(run.model.parameters()).device
-    out: list[dict | None] = [None] * len(texts)
     for ids in eval_batches([len(x) for x in enc], batch_size):
         batch = collate({"input_ids": [enc[i] for i in ids]}, run.tokenizer.pad_token_id)
-        logits = run.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-        probs = logits.softmax(-1).cpu()
+        probs = run.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1).cpu()
         for row, i in enumerate(ids):
-            k = int(probs[row].argmax())
-            out[i] = {"text": texts[i], "label": run.labels[k], "score": float(probs[row, k]),
-                      "scores": {name: float(p) for name, p in zip(run.labels, probs[row].tolist())}}
-    return out  # type: ignore[return-value]
+            inference.fill(rows[keep[i]], run.labels, probs[row])
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,8 +123,8 @@ def _predict_warnings(rows: list[dict], source: str) -> list[str]:
     warnings = []
     blank = [r for r in rows if r["problem"] is not None]
     if blank:
-        warnings.append(f"{count(blank)} empty or blank ({places(blank)}): not scored; their rows keep their "
-                        f"place with no label and problem \"{blank[0]['problem']}\".")
+        warnings.append(f"{count(blank)} empty or blank ({places(blank)}): not scored (kept in place, no label; "
+                        f"problem \"{blank[0]['problem']}\").")
     cut = [r for r in rows if r["truncated"]]
     if cut:
         warnings.append(f"{count(cut)} longer than the run's data.max_length and truncated ({places(cut)}): the "
