@@ -195,7 +195,8 @@ def test_truncation_is_counted_and_warned(tmp_path, tok, capsys):
     assert "30% of train rows (3 of 10) are longer than data.max_length=16 tokens" in " ".join(err.split())
     build(section(train=write_jsonl(tmp_path / "u.jsonl", rows[2:]), max_length=16), tok)
     assert "longer than" in capsys.readouterr().err  # 1 of 8 is still >= 10%
-    build(section(train=write_jsonl(tmp_path / "v.jsonl", rows[3:] * 2), max_length=16), tok)
+    build(section(train=write_jsonl(tmp_path / "v.jsonl", rows[3:] * 2 + [{"text": "good", "label": "a"}]),
+                  max_length=16), tok)
     assert "longer than" not in capsys.readouterr().err
 
 
@@ -206,7 +207,8 @@ def test_a_run_reports_skips_in_summary_and_a_raise_leaves_nothing_to_misread(ma
                          "output.dir": str(run), "output.overwrite": False})
     with pytest.raises(DataError):
         api.train(cfg)
-    assert sorted(x.name for x in run.iterdir()) == ["config.yaml"]  # no model, metrics or summary
+    # no model, metrics or summary (whether a failed start leaves config.yaml is tested with the run dir)
+    assert not run.exists() or {x.name for x in run.iterdir()} <= {"config.yaml"}
     with pytest.raises(Exception, match="not a finished deltatune run"):
         api.load_run(run)
     s = api.train(cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_error": "skip"})}))

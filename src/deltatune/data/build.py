@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +12,13 @@ from transformers import PreTrainedTokenizerBase
 
 from deltatune.config import DataSection
 from deltatune.data import packing, sft, sources, validate
+from deltatune.data.validate import label_of  # by name: `map` hashes what `encode` uses, and the module holds a Console
 from deltatune.errors import DataError
 
 MAX_SHOWN = 5  # offending rows quoted in an error
+# Text the vocabulary covers leaves almost no unknown tokens (a stray emoji or symbol); at 5% whole
+# words are lost, usually a language or script the vocabulary lacks (the model then learns from noise).
+UNK_WARN_PERCENT = 5.0
 
 
 @dataclass
@@ -23,6 +28,7 @@ class Split:
     rows: int
     truncated: int
     where: str
+    unk_percent: float | None = None  # unknown tokens / text tokens; None: the tokenizer has no unknown token
 
 
 @dataclass
@@ -34,11 +40,12 @@ class DataBundle:
 
 
 def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None,
-          task: str = "classification") -> DataBundle:
+          task: str = "classification", min_rows: int = 1) -> DataBundle:
     """Read, validate, split, and tokenize. `labels` fixes the label set (e.g. from a saved run).
 
     classification: rows -> (input_ids, label id). causal_lm: rows -> input_ids ending in EOS, every
-    token a target (the model learns to stop).
+    token a target (the model learns to stop). A classification run needs 2 classes and at least
+    `min_rows` training rows (pass train.batch_size: fewer rows than one batch is refused).
     """
     lm = task != "classification"
     reports: list[validate.SplitReport] = []  # rows read / used / skipped, per split
@@ -46,19 +53,28 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     val_raw, val_where = None, None
     if isinstance(section.validation, str):
         val_raw, val_where = _read(section, section.validation, task, "validation", reports)
-    elif isinstance(section.validation, float):
+    split = None  # (rows held out, of rows) for a validation fraction: the first suspect when training is small
+    if isinstance(section.validation, float):
+        split = (math.ceil(section.validation * len(train_raw)), len(train_raw))  # as train_test_split counts
+        if split[0] >= split[1]:
+            _refuse_small(section, train_where, 0, [], split, reports[0], min_rows)
         parts = train_raw.train_test_split(test_size=section.validation, seed=section.seed)
         train_raw, val_raw = parts["train"], parts["test"]
         val_where = f"{train_where} ({section.validation:.0%} held out, seed {section.seed})"
         reports[0].held_out = len(val_raw)
         reports.append(validate.SplitReport("validation", val_where, reports[0].unit, read=len(val_raw)))
 
+    derived = not (labels or section.labels)
     labels = [] if lm else labels or section.labels or _label_set(train_raw, section.label)
     if not lm:  # labels outside the set; validation classes that training never has
         train_raw = validate.check(train_raw, section, reports[0], labels=labels)
+        classes = _label_set(train_raw, section.label)
+        _refuse_small(section, train_where, len(train_raw), classes, split, reports[0], min_rows)
         if val_raw is not None:
-            val_raw = validate.check(val_raw, section, reports[1], labels=labels,
-                                     train_labels=set(_label_set(train_raw, section.label)))
+            if split:
+                _held_out_classes(section, train_where, reports[0].unit, val_raw, set(classes),
+                                  None if derived else set(labels))
+            val_raw = validate.check(val_raw, section, reports[1], labels=labels, train_labels=set(classes))
     stats: dict = {}
     if task == "sft":
         fmt = sft.detect_format(train_raw.column_names, section.format, train_where)
@@ -93,6 +109,49 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     return DataBundle(labels=labels, train=train, validation=val, stats=stats)
 
 
+def _refuse_small(section: DataSection, where: str, rows: int, classes: list[str], split: tuple[int, int] | None,
+                  report: validate.SplitReport, min_rows: int) -> None:
+    """A classifier trained on one class, or on fewer rows than one batch, reports perfect-looking
+    metrics that mean nothing: refused, naming the cause (a validation fraction first)."""
+    usable = min(rows, section.sample or rows)
+    if len(classes) >= 2 and usable >= min_rows:
+        return
+    what = f"{rows} training row(s)" + (f" of class {classes[0]!r} only" if len(classes) == 1 else "")
+    need = ("nothing to train on" if not rows else "a classifier needs at least 2 classes in training"
+            if len(classes) < 2 else f"fewer than one batch (train.batch_size={min_rows})")
+    if split:
+        raise DataError(f"{where}: data.validation={section.validation} holds out {split[0]} of {split[1]} rows for "
+                        f"validation, leaving {what}: {need}. The split is the cause, not the data. Fix: lower "
+                        f"data.validation (e.g. 0.1), or give data.validation a file of its own.")
+    if usable < rows:
+        raise DataError(f"{where}: data.sample={section.sample} keeps fewer training rows than one batch "
+                        f"(train.batch_size={min_rows}). Fix: raise data.sample, or lower train.batch_size.")
+    skipped = f" ({len(report.skipped)} bad row(s) skipped, see above)" if report.skipped else ""
+    fix = ("add rows of the other classes (and check that data.label names the label column)" if len(classes) < 2
+           else f"add training rows, or lower train.batch_size to {rows} or less")
+    raise DataError(f"{where}: {what}{skipped}: {need}. Fix: {fix}.")
+
+
+def _held_out_classes(section: DataSection, where: str, unit: str, val: datasets.Dataset, train_classes: set[str],
+                      label_set: set[str] | None) -> None:
+    """A class whose every row the validation fraction took is the split's doing, not bad rows: skipping
+    them (on_error=skip) would not help, so this is raised, naming the split. `label_set`: the classes
+    the run has (data.labels); None when it comes from the training rows, where every class counts."""
+    lines: dict[str, list[int]] = {}
+    for v, line in zip(val[section.label], val[validate.LINE]):
+        name = validate.label_of(v)
+        if name is not None and name not in train_classes and (label_set is None or name in label_set):
+            lines.setdefault(name, []).append(line)
+    if not lines:
+        return
+    shown = "; ".join(f"{name!r} ({len(at)} row(s): {unit} {', '.join(map(str, at[:MAX_SHOWN]))}"
+                      f"{', ...' if len(at) > MAX_SHOWN else ''})" for name, at in sorted(lines.items()))
+    raise DataError(f"{where}: data.validation={section.validation} (seed {section.seed}) held out every row of "
+                    f"{shown}, so training never sees these classes and cannot learn them. The split is the cause, "
+                    f"not the labels. Fix: give these classes more rows, use another data.seed, or give "
+                    f"data.validation a file of its own.")
+
+
 def _read(section: DataSection, spec: str, task: str = "classification", name: str = "train",
           reports: list | None = None) -> tuple[datasets.Dataset, str]:
     lm = task != "classification"
@@ -112,21 +171,26 @@ def tokenize_sft(name: str, ds: datasets.Dataset, section: DataSection, tokenize
     """Instruction rows -> input_ids + labels (response tokens only), plus the prompt and reference
     answer that generation-based evaluation uses."""
     sft.detect_format(ds.column_names, fmt, where)
+    unk, markup = unknown_token(tokenizer)
 
     def encode(row: dict) -> dict:
         try:
             e = sft.encode(tokenizer, sft.to_messages(row, fmt), template, section.max_length)
         except ValueError as err:
             raise DataError(f"{where}: {err}") from None
+        text = [t for t in e.input_ids if t not in markup]
         return {"input_ids": e.input_ids, "labels": e.labels, "length": len(e.input_ids),
-                "prompt_ids": e.prompt_ids, "reference": e.reference, "truncated": e.truncated}
+                "prompt_ids": e.prompt_ids, "reference": e.reference, "truncated": e.truncated,
+                "unk": text.count(unk), "text_tokens": len(text)}
 
     tokenized = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {name}")
     truncated = sum(tokenized["truncated"])
+    unk_percent = _unknown_share(name, where, tokenizer, unk, tokenized)
     # A row cut so short that none of its response is left carries no loss: dropped, and counted.
     has_target = [any(t != sft.IGNORE for t in lab[1:]) for lab in tokenized["labels"]]
-    kept = tokenized.select([i for i, ok in enumerate(has_target) if ok]).remove_columns("truncated")
-    return Split(name=name, dataset=kept, rows=len(ds), truncated=truncated, where=where)
+    kept = tokenized.select([i for i, ok in enumerate(has_target) if ok])
+    kept = kept.remove_columns(["truncated", "unk", "text_tokens"])
+    return Split(name=name, dataset=kept, rows=len(ds), truncated=truncated, where=where, unk_percent=unk_percent)
 
 
 def _label_set(ds: datasets.Dataset, column: str) -> list[str]:
@@ -147,22 +211,54 @@ def tokenize_split(name: str, ds: datasets.Dataset, section: DataSection, tokeni
     # Language modelling: every sequence ends in EOS (one slot kept for it) so the model learns to stop.
     eos = [tokenizer.eos_token_id] if not with_labels and tokenizer.eos_token_id is not None else []
     room = section.max_length - len(eos)
+    unk, markup = unknown_token(tokenizer)
 
     def encode(batch: dict) -> dict:
         texts = [batch[c] for c in cols]
         ids = tokenizer(*texts, truncation=True, max_length=room)["input_ids"]
         ids = [x + eos if eos and (not x or x[-1] != eos[0]) else x for x in ids]
         full = tokenizer(*texts, truncation=False)["input_ids"]
-        out = {"input_ids": ids, "length": [len(x) for x in ids], "truncated": [len(f) > room for f in full]}
+        text = [[t for t in f if t not in markup] for f in full]
+        out = {"input_ids": ids, "length": [len(x) for x in ids], "truncated": [len(f) > room for f in full],
+               "unk": [x.count(unk) for x in text], "text_tokens": [len(x) for x in text]}
         if with_labels:
-            out["labels"] = [label_id[validate.label_of(v)] for v in batch[section.label]]
+            out["labels"] = [label_id[label_of(v)] for v in batch[section.label]]
         return out
 
     # `map` results are cached on disk by the fingerprint of data + function + tokenizer.
     tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {name}")
     truncated = sum(tokenized["truncated"])
-    tokenized = tokenized.remove_columns("truncated")
-    return Split(name=name, dataset=tokenized, rows=len(ds), truncated=truncated, where=where)
+    unk_percent = _unknown_share(name, where, tokenizer, unk, tokenized)
+    tokenized = tokenized.remove_columns(["truncated", "unk", "text_tokens"])
+    return Split(name=name, dataset=tokenized, rows=len(ds), truncated=truncated, where=where,
+                 unk_percent=unk_percent)
+
+
+def unknown_token(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, frozenset[int]]:
+    """The unknown token's id, and the ids that are markup rather than text ([CLS], [SEP], ...).
+    None where unknown tokens cannot occur or be told apart: byte-level BPE (GPT-2, LLaMA 3) encodes
+    any text, and GPT-2's `unk_token` is its end-of-text token."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        return None, frozenset()
+    return unk, frozenset(tokenizer.all_special_ids) - {unk}
+
+
+def _unknown_share(name: str, where: str, tokenizer: PreTrainedTokenizerBase, unk: int | None,
+                   tokenized: datasets.Dataset) -> float | None:
+    """Percent of a split's text tokens that became the unknown token; warned about above UNK_WARN_PERCENT."""
+    if unk is None:
+        return None
+    n_unk, n_text = sum(tokenized["unk"]), sum(tokenized["text_tokens"])
+    percent = round(100 * n_unk / max(n_text, 1), 2)
+    if percent > UNK_WARN_PERCENT:
+        validate.console.print(
+            f"[yellow]warning:[/] {percent:.1f}% of the tokens of the {name} data ({where}) are unknown to the "
+            f"tokenizer ({n_unk:,} of {n_text:,} became {tokenizer.unk_token}): the model cannot read that text, "
+            f"usually a language or script its vocabulary does not cover. Fix: use a model whose vocabulary covers "
+            f"the language of your data (e.g. a multilingual model such as bert-base-multilingual-cased or "
+            f"xlm-roberta-base).", highlight=False, soft_wrap=True)
+    return percent
 
 
 def _check_rows(ds: datasets.Dataset, section: DataSection, labels: list[str] | None, where: str,

@@ -518,6 +518,7 @@ def report(reports: list[SplitReport], splits: dict, max_length: int) -> dict:
         if split is not None:
             d["truncated"] = split.truncated
             d["truncated_percent"] = round(100 * split.truncated / max(split.rows, 1), 2)
+            d["unk_percent"] = split.unk_percent  # None (null): the tokenizer has no unknown token
             if split.rows and split.truncated / split.rows >= 0.10:
                 console.print(f"[yellow]warning:[/] {d['truncated_percent']:.0f}% of {r.name} rows "
                               f"({split.truncated:,} of {split.rows:,}) are longer than data.max_length="
