@@ -190,11 +190,13 @@ def test_loading_is_strict(tiny_bert, tmp_path):
 
 def test_unsupported_architecture_and_bad_config_explain():
     from pydantic import ValidationError
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers import OPTConfig, OPTForSequenceClassification
 
-    gpt2 = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, pad_token_id=0))
+    # OPT names its sublayer outputs self_attn.out_proj and fc2: not a layout the adapter knows.
+    opt = OPTForSequenceClassification(OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                                 ffn_dim=32, word_embed_proj_dim=16, vocab_size=50, pad_token_id=0))
     with pytest.raises(ConfigError, match="method adapter.*lora"):
-        adapter.apply(gpt2, adapter.Config(), "classification")
+        adapter.apply(opt, adapter.Config(), "classification")
     with pytest.raises(ValidationError):
         adapter.Config(reduction_factor=0)
     with pytest.raises(ValidationError):

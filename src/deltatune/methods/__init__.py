@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 from pydantic import Field
 
 from deltatune.methods import adapter, full, lora, partial, peft_methods
+from deltatune.methods.common import quiet_third_party
+
+quiet_third_party()  # before peft imports bitsandbytes
 
 if TYPE_CHECKING:
     import torch

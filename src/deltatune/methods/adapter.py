@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.methods.common import head_modules, layer_stack, load_named
+from deltatune.methods.common import head_modules, layer_stack, load_named, out_features, projection_types
 from deltatune.sections import Section
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
@@ -31,8 +31,9 @@ PREFIX = "base_model.model."  # peft's key prefix, so the file reads like any ot
 
 # Output projections of the sublayers, relative to one transformer block: the adapter goes on their
 # output, i.e. before the residual add (+ LayerNorm in BERT's post-norm blocks).
-ATTENTION_OUTPUTS = ("attention.output.dense", "self_attn.o_proj")  # BERT/RoBERTa/ELECTRA, LLaMA/Mistral/Qwen
-FFN_OUTPUTS = ("output.dense", "mlp.down_proj")
+# BERT/RoBERTa/ELECTRA, LLaMA/Mistral/Qwen, GPT-2 (whose projections are transformers' Conv1D).
+ATTENTION_OUTPUTS = ("attention.output.dense", "self_attn.o_proj", "attn.c_proj")
+FFN_OUTPUTS = ("output.dense", "mlp.down_proj", "mlp.c_proj")
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -48,12 +49,12 @@ class Config(Section):
 class BottleneckLayer(nn.Module):
     """`base_layer(x)` followed by out + up(act(down(out))), peft-style (adapters keyed by name)."""
 
-    def __init__(self, base_layer: nn.Linear, reduction_factor: int, non_linearity: str, init_std: float = 0.0):
+    def __init__(self, base_layer: nn.Module, reduction_factor: int, non_linearity: str, init_std: float = 0.0):
         super().__init__()
         self.base_layer = base_layer
         self.non_linearity = non_linearity
         self.active_adapter = ADAPTER
-        hidden = base_layer.out_features
+        hidden = out_features(base_layer)
         size = max(1, hidden // reduction_factor)
         w = base_layer.weight
         # Half-precision bases get fp32 adapters (as peft's autocast_adapter_dtype): tiny, and they train stably.
@@ -96,13 +97,14 @@ def targets(model: nn.Module, style: str) -> list[str]:
     wanted = (ATTENTION_OUTPUTS if style == "houlsby" else ()) + FFN_OUTPUTS
     modules = dict(model.named_modules())
     names = [f"{stack}.{i}.{rel}" for i in range(count) for rel in wanted
-             if isinstance(modules.get(f"{stack}.{i}.{rel}"), nn.Linear)]
+             if isinstance(modules.get(f"{stack}.{i}.{rel}"), projection_types())]
     per_block = 2 if style == "houlsby" else 1
     if len(names) != per_block * count:
         raise ConfigError(
             f"method adapter: found {len(names)} sublayer output projections in {type(model).__name__}, expected "
-            f"{per_block} per block x {count} blocks. Supported: BERT-family (attention.output.dense, output.dense) "
-            f"and LLaMA-family (self_attn.o_proj, mlp.down_proj) models. Fix: use method lora for this model.")
+            f"{per_block} per block x {count} blocks. Supported: BERT-family (attention.output.dense, output.dense), "
+            f"LLaMA-family (self_attn.o_proj, mlp.down_proj) and GPT-2-family (attn.c_proj, mlp.c_proj) models. "
+            f"Fix: use method lora for this model.")
     return names
 
 
@@ -111,8 +113,8 @@ def _inject(model: nn.Module, names: list[str], cfg: Config, init_std: float) ->
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        if not isinstance(base, nn.Linear):
-            raise ConfigError(f"method adapter: `{name}` is a {type(base).__name__}, not a Linear")
+        if not isinstance(base, projection_types()):
+            raise ConfigError(f"method adapter: `{name}` is a {type(base).__name__}, not a Linear or Conv1D")
         setattr(parent, child, BottleneckLayer(base, cfg.reduction_factor, cfg.non_linearity, init_std))
 
 

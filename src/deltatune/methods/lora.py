@@ -8,12 +8,23 @@ qlora: the same LoRA over a base loaded in 4 bits (NF4, bitsandbytes; works on C
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from deltatune.methods.common import HEAD_NAMES, block_linears, peft_task_type
+from deltatune.errors import ConfigError
+from deltatune.methods.common import (
+    HEAD_NAMES,
+    block_projections,
+    check_targets,
+    fan_in_fan_out,
+    layer_stack,
+    peft_task_type,
+    projection_types,
+    wrappable_names,
+)
 from deltatune.sections import Section
 
 
@@ -30,18 +41,62 @@ class Config(Section):
 
 
 def targets(model: torch.nn.Module, target_modules: str | list[str]) -> str | list[str]:
-    return block_linears(model) if target_modules == "auto" else target_modules
+    """What peft wraps: `auto` resolved to the block projections (and shown), an explicit list checked
+    against the model, `all-linear` left to peft."""
+    if target_modules == "all-linear":
+        return target_modules
+    if target_modules != "auto":
+        check_targets(model, target_modules, "method.target_modules")
+        return target_modules
+    names = block_projections(model)
+    if not names:
+        raise ConfigError(
+            f"method.target_modules=auto: found no attention or MLP projections (Linear or Conv1D layers inside "
+            f"repeated transformer blocks) in {type(model).__name__}; its layers: "
+            f"{', '.join(wrappable_names(model)) or 'none'}. Fix: set method.target_modules to a list of the layer "
+            f"names to adapt, e.g. method.target_modules=[{','.join(wrappable_names(model)[:2])}].")
+    _show(names, layer_stack(model)[0])
+    return names
+
+
+def _show(names: list[str], stack: str) -> None:
+    """One line saying what `auto` picked: names within a block, the number of blocks and of modules."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # one line per run, not one per process
+        return
+    from deltatune.engine.report import console
+
+    # "bert.encoder.layer.0.attention.self.query" -> block "0", name "attention.self.query"
+    split = [n.removeprefix(stack + ".").partition(".") for n in names]
+    within = list(dict.fromkeys(rel for _, _, rel in split))
+    blocks = len({block for block, _, _ in split})
+    console.print(f"lora targets: {', '.join(within)} (x{blocks} layers = {len(names)} modules)",
+                  highlight=False, soft_wrap=True)
+
+
+def _wrapped(model: torch.nn.Module, target_modules: str | list[str]) -> list[torch.nn.Module]:
+    """The modules peft will wrap, to set fan_in_fan_out from them."""
+    if target_modules == "all-linear":  # peft's rule: every projection but the output layer
+        return [m for n, m in model.named_modules() if isinstance(m, projection_types())
+                and n.rpartition(".")[2] not in ("lm_head", *HEAD_NAMES)]
+    return [model.get_submodule(n) for n in check_targets(model, target_modules, "method.target_modules")]
 
 
 def apply(model: torch.nn.Module, cfg: Config, task: str) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    target_modules = targets(model, cfg.target_modules)
     peft_cfg = LoraConfig(
         task_type=peft_task_type(task), r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=targets(model, cfg.target_modules), use_dora=cfg.variant == "dora",
+        target_modules=target_modules, use_dora=cfg.variant == "dora",
         use_rslora=cfg.variant == "rslora", init_lora_weights={"default": True}.get(cfg.init, cfg.init),
+        fan_in_fan_out=fan_in_fan_out(_wrapped(model, target_modules)),
     )
-    return get_peft_model(model, peft_cfg)
+    with warnings.catch_warnings():
+        # Only with targets mixing Linear and Conv1D: peft then sets the flag per layer, correctly.
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to", category=UserWarning)
+        return get_peft_model(model, peft_cfg)
 
 
 class QLoRAConfig(Config):
@@ -55,8 +110,6 @@ def quantized_load_kwargs(cfg: QLoRAConfig, compute_dtype: torch.dtype, device: 
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        from deltatune.errors import ConfigError
-
         raise ConfigError("method qlora needs bitsandbytes: pip install bitsandbytes (0.50+ runs on CPU)") from None
     from transformers import BitsAndBytesConfig
 

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from deltatune.errors import ConfigError
-from deltatune.methods.common import norm_layers, peft_task_type
+from deltatune.methods.common import check_targets, fan_in_fan_out, norm_layers, peft_task_type, wrappable_names
 from deltatune.sections import Section
 
 
@@ -56,9 +56,24 @@ def _wrap(model: torch.nn.Module, peft_cfg) -> torch.nn.Module:
 
 def apply_ia3(model, cfg: IA3Config, task: str):
     from peft import IA3Config as PeftIA3
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
 
-    return _wrap(model, PeftIA3(task_type=peft_task_type(task), target_modules=cfg.target_modules,
-                                feedforward_modules=cfg.feedforward_modules))
+    # peft's per-architecture defaults, resolved here so that an unknown architecture gets a sentence,
+    # and so that fan_in_fan_out can be set for Conv1D layers (GPT-2) instead of peft warning per layer.
+    kind = getattr(model.config, "model_type", None)
+    for key, value, defaults in (("target_modules", cfg.target_modules, TARGETS),
+                                 ("feedforward_modules", cfg.feedforward_modules, FEEDFORWARD)):
+        if value is None and kind not in defaults:
+            raise ConfigError(
+                f"method ia3: peft has no default method.{key} for model type `{kind}`; its layers: "
+                f"{', '.join(wrappable_names(model))}. Fix: set method.target_modules (the layers whose outputs "
+                f"are rescaled) and method.feedforward_modules (those of them in the feed-forward block, which "
+                f"rescale their inputs instead; may be []).")
+    targets = cfg.target_modules or TARGETS[kind]
+    modules = [model.get_submodule(n) for n in check_targets(model, targets, "method.target_modules")]
+    return _wrap(model, PeftIA3(task_type=peft_task_type(task), target_modules=targets,
+                                feedforward_modules=cfg.feedforward_modules, fan_in_fan_out=fan_in_fan_out(modules)))
 
 
 def apply_ln_tuning(model, cfg: LNTuningConfig, task: str):
