@@ -6,8 +6,13 @@ Every CLI command is one call into a function here.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +31,7 @@ from deltatune.config import RunConfig
 from deltatune.data import sources, validate
 from deltatune.data.batching import collate, eval_batches
 from deltatune.data.build import tokenize_split
-from deltatune.engine import checkpoint, distributed, faults, loop, precision, state
+from deltatune.engine import checkpoint, distributed, faults, loop, precision, runlock, state
 from deltatune.engine.report import console, summary_table
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods import lora as lora_mod
@@ -57,13 +62,76 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(cfg: RunConfig, resume: str | None = None) -> dict:
+def train(cfg: RunConfig, resume: str | None = None, resume_command: str | None = None) -> dict:
     """Fine-tune as `cfg` says; returns the summary also written to `<output.dir>/summary.json`.
 
     resume: `auto` continues from the newest complete checkpoint in output.dir (or starts fresh when
     there is none), a path continues from that checkpoint. See docs/reliability.md.
+    Rank 0 holds output.dir's lock for the whole run: a second writer is refused. A failure before training
+    starts leaves output.dir as it was (a directory this call created is removed); a run replaced by
+    output.overwrite comes back if the new one fails before its first save. On SIGINT/SIGTERM the user is
+    told where the last checkpoint is and `resume_command` (default: one naming output.dir).
     """
     run_dir = Path(cfg.output.dir)
+    lock = runlock.acquire(run_dir, _command_line()) if os.environ.get("RANK", "0") == "0" else None
+    progress: dict = {"started": False, "wrote": []}
+    try:
+        with faults.sigterm_raises():
+            if lock is not None:
+                runlock.settle(run_dir)  # what a killed replacement of this run left
+            return _train(cfg, resume, run_dir, lock, progress)
+    except BaseException as e:
+        rolled_back = lock is not None and _undo_failed_start(lock, progress)
+        if lock is not None and isinstance(e, (KeyboardInterrupt, faults.Terminated)):
+            console.print(_stopped(e, cfg, run_dir, rolled_back, resume_command), highlight=False, soft_wrap=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _command_line() -> str:
+    """What the lock file says is running, for the message a second writer gets."""
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    if argv0 in ("deltatune", "__main__.py"):
+        return shlex.join(["deltatune", *sys.argv[1:]])
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def _undo_failed_start(lock: runlock.Lock, progress: dict) -> bool:
+    """After a failure: a replaced run comes back while the new one has saved nothing; before training
+    started, what this call created goes. Returns whether a replaced run came back."""
+    if lock.replacing:
+        lock.rollback()
+        return True
+    if not progress["started"]:
+        if lock.created:
+            lock.discard = True  # removed with the lock file on release
+        for path in progress["wrote"]:
+            path.unlink(missing_ok=True)
+    return False
+
+
+def _stopped(e: BaseException, cfg: RunConfig, run_dir: Path, rolled_back: bool, command: str | None) -> str:
+    """What a person needs after Ctrl-C or a SIGTERM: where the run stands and the command to go on."""
+    sig = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+    command = command or f"deltatune train CONFIG output.dir={shlex.quote(str(run_dir))} --resume auto"
+    if rolled_back:
+        return (f"stopped by {sig} before this run saved anything; the run it was replacing is back in {run_dir} "
+                f"as it was.")
+    last = state.latest(state.checkpoints_dir(run_dir))
+    if last is not None:
+        return (f"stopped by {sig}; last complete checkpoint: {last} (step {state.step_of(last)}).\n"
+                f"  Resume with: {command}")
+    every = cfg.train.save_every
+    why = (f"train.save_every={every} and the run stopped before step {every}" if every
+           else "train.save_every is not set")
+    return (f"stopped by {sig}; no checkpoint was saved ({why}), so this run cannot resume.\n"
+            f"  Start it again with: {command}   (it starts over); set train.save_every=N (e.g. 100) to write a "
+            f"resumable checkpoint every N steps.")
+
+
+def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock | None, progress: dict) -> dict:
     if resume == "auto" and (run_dir / "summary.json").exists():
         console.print(f"--resume auto: {run_dir} holds a finished run; nothing to resume.", highlight=False,
                       soft_wrap=True)
@@ -76,13 +144,16 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     dist = distributed.setup()
     try:
         if dist.is_main:
-            _prepare_run_dir(cfg, run_dir, resume_from, fresh_ok=resume == "auto")
+            _prepare_run_dir(cfg, run_dir, resume_from, fresh_ok=resume == "auto", lock=lock,
+                             wrote=progress["wrote"])
         dist.barrier()
         t0 = time.perf_counter()
         loop.seed_everything(cfg.train.seed)
         tokenizer = models.load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
         bundle = data_mod.build(cfg.data, tokenizer, task=cfg.task)
         if dist.is_main:
+            if not (run_dir / "labels.json").exists():
+                progress["wrote"].append(run_dir / "labels.json")
             (run_dir / "labels.json").write_text(json.dumps(bundle.labels, indent=1), encoding="utf-8")
         # Seed again so the new head's initialisation does not depend on how much data work ran.
         loop.seed_everything(cfg.train.seed)
@@ -100,6 +171,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                           f"({100 * trainable / total:.3f}%)", highlight=False)
         setup_s = time.perf_counter() - t0
         lr_scale = methods.REGISTRY[cfg.method.name].lr_scale
+        progress["started"] = True  # from here a failure leaves the run directory for a resume to use
         try:
             result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist,
                                 lr_scale=(lambda name: lr_scale(cfg.method, name)) if lr_scale else None,
@@ -121,15 +193,22 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
         distributed.teardown(dist)
 
 
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_from: Path | None, fresh_ok: bool) -> None:
+# What a run directory holds; output.overwrite replaces only a directory with some of these in it.
+RUN_FILES = ("config.yaml", "summary.json", "labels.json", "metrics.jsonl", "model", "adapter", state.DIRNAME)
+
+
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_from: Path | None, fresh_ok: bool,
+                     lock: runlock.Lock | None = None, wrote: list[Path] | None = None) -> None:
     """Make output.dir ready: a resume keeps everything up to its checkpoint; a fresh start never mixes
-    with (or silently deletes) what an unfinished run left there."""
+    with (or silently deletes) what an unfinished run left there. A run being replaced is moved aside,
+    and removed only once the new run has saved its first model or checkpoint (runlock)."""
     checkpoint.recover(run_dir)
     ckdir = state.checkpoints_dir(run_dir)
     removed = state.remove_debris(ckdir)
     if removed:
         console.print(f"removed incomplete checkpoint(s) left by a killed process: {', '.join(removed)}",
                       highlight=False, soft_wrap=True)
+    held = [p.name for p in run_dir.iterdir() if p.name != runlock.LOCK] if run_dir.is_dir() else []
     if resume_from is not None:
         step = state.step_of(resume_from)
         newer = [p for p in state.complete(ckdir) if state.step_of(p) > step]
@@ -140,21 +219,34 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_from: Path | None, fr
                           f"resume abandons): {', '.join(p.name for p in newer)}", highlight=False, soft_wrap=True)
         (run_dir / "summary.json").unlink(missing_ok=True)  # finished again only when this resume finishes
         state.truncate_metrics(run_dir, step)
-    elif run_dir.exists() and cfg.output.overwrite:
-        shutil.rmtree(run_dir)
+    elif held and cfg.output.overwrite:
+        if not any(name in RUN_FILES for name in held):
+            raise ConfigError(f"output.dir: {run_dir} is not a deltatune run (it holds {', '.join(sorted(held)[:5])}"
+                              f"{' ...' if len(held) > 5 else ''}); output.overwrite=true replaces only a run. "
+                              f"Fix: choose another output.dir.")
+        _replace(lock, run_dir, "output.overwrite=true")
     elif run_dir.exists() and not (run_dir / "summary.json").exists() and (left := state.leftovers(run_dir)):
         if not fresh_ok:
             raise ConfigError(f"output.dir: {run_dir} holds an unfinished run ({', '.join(left)}). Fix: "
                               f"`deltatune train CONFIG --resume auto` to continue it from its newest checkpoint, "
                               f"output.overwrite=true to start it over, or another output.dir.")
-        console.print(f"starting over in {run_dir}: replacing what the unfinished run left ({', '.join(left)})",
-                      highlight=False, soft_wrap=True)
-        shutil.rmtree(run_dir)
+        _replace(lock, run_dir, f"starting over in {run_dir}: replacing what the unfinished run left "
+                                f"({', '.join(left)})")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if wrote is not None and not (run_dir / "config.yaml").exists():
+        wrote.append(run_dir / "config.yaml")
     (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     if resume_from is not None:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"resume": {"from": str(resume_from), "step": state.step_of(resume_from)}}) + "\n")
+
+
+def _replace(lock: runlock.Lock | None, run_dir: Path, why: str) -> None:
+    if lock is None:  # a caller without the lock (not `train`): nothing to keep the old run for
+        console.print(why, highlight=False, soft_wrap=True)
+        shutil.rmtree(run_dir)
+    else:
+        lock.replace(why)
 
 
 def _load_kwargs(cfg: RunConfig, device: torch.device) -> dict:
@@ -196,11 +288,14 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
         console.print(f"note: {path} is a run that did not finish (no summary.json); using the best model it "
                       f"saved before it stopped.", highlight=False, soft_wrap=True)
     labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
-    if (path / "adapter").exists():
+    artifact = path / ("adapter" if (path / "adapter").exists() else "model")
+    check_artifact(path, artifact)
+    if artifact.name == "adapter":
         # The base comes from where the run found it; the adapter (and the trained head) from the run.
         from peft import PeftModel
 
-        tokenizer = AutoTokenizer.from_pretrained(path / "adapter")
+        with _reading(path, artifact):
+            tokenizer = AutoTokenizer.from_pretrained(artifact)
         # Seeded as in training, so even the untrained copy of the head peft keeps is reproduced.
         loop.seed_everything(cfg.train.seed)
         target = torch.device(device or _default_device())
@@ -208,22 +303,107 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
                                  cfg.model.trust_remote_code, "sdpa", **_load_kwargs(cfg, target))
         from deltatune.methods import adapter as bottleneck
 
-        if bottleneck.is_saved_adapter(path / "adapter"):  # deltatune's own format; peft cannot read it
-            model = bottleneck.from_pretrained(base, path / "adapter")
-        else:
-            model = PeftModel.from_pretrained(base, path / "adapter")
-            if cfg.method.name == "prefix_tuning" and cfg.task == "classification":
-                from deltatune.methods.peft_methods import prefix_through_cache
+        with _reading(path, artifact):
+            own = bottleneck.is_saved_adapter(artifact)  # deltatune's own format; peft cannot read it
+            model = bottleneck.from_pretrained(base, artifact) if own else PeftModel.from_pretrained(base, artifact)
+        if not own and cfg.method.name == "prefix_tuning" and cfg.task == "classification":
+            from deltatune.methods.peft_methods import prefix_through_cache
 
-                model = prefix_through_cache(model)
+            model = prefix_through_cache(model)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path / "model")
         auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
-        model = auto.from_pretrained(path / "model", dtype=torch.float32)
+        with _reading(path, artifact):
+            tokenizer = AutoTokenizer.from_pretrained(artifact)
+            model = auto.from_pretrained(artifact, dtype=torch.float32)
     if not lora_mod.is_quantized(model):  # 4-bit weights are placed by device_map and cannot move
         model.to(device or _default_device())
     model.eval()
     return LoadedRun(path, cfg, model, tokenizer, labels)
+
+
+def check_artifact(run_dir: Path, artifact: Path) -> None:
+    """Before loading: a saved model with a missing, cut-short or corrupt file is refused with a sentence
+    naming the file, instead of whatever traceback the loader would give."""
+    if found := _artifact_problem(artifact):
+        raise DeltatuneError(_unloadable(run_dir, *found))
+
+
+def _artifact_problem(artifact: Path) -> tuple[Path, str] | None:
+    """The first file of a saved model (model/ or adapter/) that cannot load, and what is wrong with it:
+    a copy that stopped early or a full disk leaves files missing or cut short, which the loaders
+    report as unrelated-looking tracebacks."""
+    config_file = artifact / ("adapter_config.json" if artifact.name == "adapter" else "config.json")
+    if problem := _json_problem(config_file):
+        return config_file, problem
+    weights = [artifact / ("adapter_model.safetensors" if artifact.name == "adapter" else "model.safetensors")]
+    index = artifact / "model.safetensors.index.json"
+    if artifact.name == "model" and index.is_file():  # a large model saved in shards
+        if problem := _json_problem(index):
+            return index, problem
+        shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()
+        weights = [artifact / name for name in sorted(set(shards))]
+    for file in weights:
+        if problem := _safetensors_problem(file):
+            return file, problem
+    return None
+
+
+def _json_problem(file: Path) -> str | None:
+    if not file.is_file():
+        return "missing"
+    try:
+        data = json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" ({e.msg}, line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        return f"corrupt: not valid JSON{where}"
+    return None if isinstance(data, dict) else "corrupt: not a JSON object"
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Read the header (8-byte length, then JSON naming each tensor's byte range) and compare the file's
+    length with where the last tensor ends: a file cut short fails here, before any weight is read."""
+    if not file.is_file():
+        return "missing"
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) < 8 or n > size - 8:
+            return f"truncated or corrupt: {size:,} bytes, header unreadable (too short for the header it declares)"
+        try:
+            header = json.loads(f.read(n))
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError):
+            return f"corrupt: {size:,} bytes, header unreadable (not a safetensors header)"
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"truncated or corrupt: {size:,} bytes, but its header describes {expected:,}"
+    return None
+
+
+def _unloadable(run: Path, file: Path, problem: str) -> str:
+    """Which file, what is wrong with it, and the ways back to a run that loads."""
+    fixes = ["copy the run directory again from where it was made",
+             f"train it again (`deltatune train {run / 'config.yaml'} output.overwrite=true`)"]
+    newest = state.latest(state.checkpoints_dir(run))
+    if newest is not None and not (run / "summary.json").exists():  # unfinished: its checkpoints can finish it
+        fixes.insert(0, f"`deltatune train {run / 'config.yaml'} --resume auto` continues from its newest "
+                        f"checkpoint ({newest.name}) and saves the model again")
+    return f"{file}: {problem}, so the run's trained model cannot be loaded. Fix: {'; or '.join(fixes)}."
+
+
+@contextmanager
+def _reading(run: Path, artifact: Path) -> Iterator[None]:
+    """Second line of defence behind `_artifact_problem`: what transformers, peft and safetensors raise
+    for unreadable files in `artifact` becomes the same kind of sentence (only these error types)."""
+    from huggingface_hub.errors import HFValidationError  # peft's error for a missing adapter file
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError, HFValidationError, json.JSONDecodeError) as e:
+        cause = (str(e).strip().splitlines() or [""])[0]
+        raise DeltatuneError(_unloadable(run, artifact, f"unreadable ({type(e).__name__}: {cause})")) from None
 
 
 def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:

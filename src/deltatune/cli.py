@@ -34,9 +34,19 @@ def train(
     if print_config:
         out.print(cfg.to_yaml(), end="", markup=False, highlight=False)
         return
-    from deltatune import api
+    import shlex
 
-    api.train(cfg, resume=resume)
+    from deltatune import api
+    from deltatune.engine.faults import Terminated
+
+    again = shlex.join(["deltatune", "train", *([str(config)] if config else []), *(overrides or []),
+                        "--resume", "auto"])
+    try:
+        api.train(cfg, resume=resume, resume_command=again)
+    except KeyboardInterrupt:  # api.train said where the run stands; exit as the shell expects (128 + signal)
+        raise typer.Exit(130) from None
+    except Terminated:
+        raise typer.Exit(143) from None
 
 
 @app.command("eval")

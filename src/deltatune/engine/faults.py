@@ -11,13 +11,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import shutil
 import signal
+import threading
+import time
 import types
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -232,13 +236,47 @@ KILL_ENV = "DELTATUNE_TEST_KILL"
 _reached: Counter[str] = Counter()
 
 
+HOLD_ENV = "DELTATUNE_TEST_HOLD"
+
+
 def kill_point(name: str) -> None:
-    """`DELTATUNE_TEST_KILL=name:N` kills this process with SIGKILL the N-th time `name` is reached."""
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
+    """`DELTATUNE_TEST_KILL=name:N` kills this process with SIGKILL the N-th time `name` is reached;
+    `DELTATUNE_TEST_HOLD=name:N:FILE` waits there (up to 2 minutes) until FILE exists."""
+    spec, hold = os.environ.get(KILL_ENV), os.environ.get(HOLD_ENV)
+    if not spec and not hold:
         return
     _reached[name] += 1
-    for item in spec.split(","):
+    for item in (spec or "").split(","):
         point, _, n = item.partition(":")
         if point == name and _reached[name] == int(n or 1):
             os.kill(os.getpid(), signal.SIGKILL)
+    if hold:
+        point, n, go = hold.split(":", 2)
+        if point == name and _reached[name] == int(n):
+            deadline = time.time() + 120
+            while not Path(go).exists() and time.time() < deadline:
+                time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM: stop where the process is, as SIGINT does, so that cleanup runs and the user is told where to resume
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler of `sigterm_raises` (a BaseException, like KeyboardInterrupt)."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # handlers belong to the main thread
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

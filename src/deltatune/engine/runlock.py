@@ -82,6 +82,11 @@ class Lock:
             pass
         os.close(self.fd)
 
+    @property
+    def replacing(self) -> bool:
+        """A run moved aside by `replace` still waits for the new run's first save."""
+        return self.dir.resolve() in _pending
+
     def replace(self, why: str) -> Path:
         """Move the run in this directory aside (lock file included) and continue in an empty one."""
         aside = self.dir.with_name(f".{self.dir.name}.replaced-{os.getpid()}")
@@ -179,6 +184,8 @@ def acquire(directory: str | Path, command: str | None = None) -> Lock:
             directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
+            if created:  # a directory made here goes again (as far as it was made)
+                shutil.rmtree(directory, ignore_errors=True)
             raise _write_error(directory, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from deltatune.engine import faults, runlock
 from deltatune.engine.faults import kill_point
 from deltatune.errors import ConfigError
 from deltatune.methods.common import load_named
@@ -235,33 +236,52 @@ class Saver:
         tmp = self.dir / f".tmp-{final.name}"
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            self._write(tmp, tmp, lambda: tmp.mkdir(parents=True))
         self.dist.barrier()
-        torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
+        rng = tmp / f"rng-rank{self.dist.rank}.pt"
+        self._write(tmp, rng, lambda: torch.save(rng_state(), rng))
         self.dist.barrier()
         if self.dist.is_main:
-            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "weights.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            weights = {n: p.detach().cpu().contiguous() for n, p in params.items()}
+
+            def put(name: str, write) -> None:
+                self._write(tmp, tmp / name, lambda: write(tmp / name))
+
+            put("weights.safetensors", lambda path: save_file(weights, str(path)))
+            put("optimizer.pt", lambda path: torch.save(self.optimizer.state_dict(), path))
             kill_point("checkpoint")  # tests: a process killed while writing a checkpoint
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            put("scheduler.pt", lambda path: torch.save(self.scheduler.state_dict(), path))
             if self.scaler is not None:
-                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
+                put("scaler.pt", lambda path: torch.save(self.scaler.state_dict(), path))
             meta = {"step": step, "epoch": step // self.steps_per_epoch,
                     "batch_in_epoch": step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                     "total_steps": self.total_steps, "world_size": self.dist.world, "time": time.time(),
                     "guard": self.guard.state_dict(), "config": config_view(self.cfg), "data": self.data,
                     **progress}
-            (tmp / STATE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-            for f in tmp.iterdir():
-                _fsync(f)
-            _fsync(tmp)
+            put(STATE, lambda path: path.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
+            for f in [*tmp.iterdir(), tmp]:
+                self._write(tmp, f, lambda f=f: _fsync(f))
             if final.exists():  # written before by a branch that was abandoned by a resume
                 delete(final)
             os.replace(tmp, final)
             _fsync(self.dir)
+            runlock.artifact_saved(self.run_dir)  # a run this one replaces (output.overwrite) can go now
             self.rotate(progress.get("best_step", 0))
         self.dist.barrier()
         return final
+
+    @staticmethod
+    def _write(tmp: Path, path: Path, write) -> None:
+        """`write()` creates `path` in checkpoint `tmp`. A full disk or a read-only directory stops the run with
+        a sentence, and the unfinished checkpoint is removed (the complete ones stay)."""
+        try:
+            write()
+        except Exception as e:
+            failure = faults.write_failure(e, path, f"checkpoint {tmp.name.removeprefix('.tmp-')}")
+            if failure is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise failure from None
 
     def rotate(self, best_step: int) -> None:
         done = complete(self.dir)
