@@ -50,6 +50,9 @@ def test_labels_are_stripped_in_train_and_validation(tmp_path, tok):
     b = build(section(train=train, validation=val), tok)
     assert b.labels == ["negative", "positive"]
     assert b.stats["validation"]["rows_used"] == 10
+    blank = write_csv(tmp_path / "blank.csv", relabel(toy_rows(10), {3: "   "}))
+    with pytest.raises(DataError, match="line 5: `label` is missing"):  # not a class named "" (or "   ")
+        build(section(train=blank), tok)
 
 
 def test_labels_differing_only_by_case_name_the_lines(tmp_path, tok):
@@ -68,6 +71,10 @@ def test_labels_differing_only_by_case_name_the_lines(tmp_path, tok):
     assert b.labels == ["negative", "positive"]
     assert b.stats["train"]["skipped_by_problem"] == {"label case": 2}
     assert b.stats["train"]["rows_used"] == 38
+    # against a given label set, a case variant is named as such
+    with pytest.raises(DataError, match="the label set has 'positive'; labels are case-sensitive"):
+        build(section(train=write_jsonl(tmp_path / "u.jsonl", [{**r, "label": r["label"].capitalize()} for r in rows]),
+                      labels="[negative,positive]"), tok)
 
 
 def test_csv_label_column_mixing_numbers_and_names(tmp_path, tok):

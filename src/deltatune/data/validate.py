@@ -67,11 +67,10 @@ KINDS = {
                                     "(a model cannot learn a class it never sees)"),
     "label case": ("whose label differs from a more common label only in upper/lower case",
                    "spell each label one way (labels are case-sensitive: `Pos` and `pos` would be two classes); "
-                   "data.on_error=skip drops the rows with the less common spelling, listed here"),
+                   "skipping drops the less common spelling"),
     "mixed labels": ("whose kind of label differs from most rows (a name among numbers, or the reverse)",
                      "write every label the same way, all names (e.g. neg, pos) or all numbers (e.g. 0, 1): in a "
-                     "mixed column `1` and `pos` are two different classes; data.on_error=skip drops the rows of "
-                     "the less common kind, listed here"),
+                     "mixed column `1` and `pos` are two different classes; skipping drops the less common kind"),
     "mixed label kinds": ("in a label column that mixes numbers and names, too many to drop",
                           "map one kind onto the other in the file (e.g. 0 -> neg, 1 -> pos), so that each class has "
                           f"one label; this cannot be skipped: more than {MIXED_SKIP_SHARE:.0%} of the rows would be "
