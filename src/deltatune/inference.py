@@ -60,10 +60,13 @@ class MultiAdapter:
         self.runs = [Path(r) for r in run_dirs]
         self.names = {str(r): f"run{i}" for i, r in enumerate(self.runs)}
         cfgs = []
+        from deltatune.api import check_artifact  # api imports this module
+
         for run in self.runs:
-            if not (run / "adapter" / "adapter_config.json").exists():
+            if not (run / "adapter").is_dir():
                 raise DeltatuneError(f"{run}: not an adapter run (no adapter/); multi-adapter serving needs runs "
                                      f"trained with a peft method such as lora")
+            check_artifact(run, run / "adapter")
             cfgs.append(config_mod.load(run / "config.yaml"))
         self.labels = {str(r): json.loads((r / "labels.json").read_text()) for r in self.runs}
         first = cfgs[0]
