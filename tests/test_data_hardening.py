@@ -163,8 +163,6 @@ def test_classes_missing_from_training_because_of_the_split_blame_the_split(tmp_
     assert "on_error=skip" not in msg
 
 
-@pytest.mark.xfail(strict=True, reason="api.train must call data_mod.build(..., min_rows=cfg.train.batch_size); "
-                                       "remove this mark when it does")
 def test_train_refuses_fewer_rows_than_a_batch(make_config, tmp_path):
     p = write_jsonl(tmp_path / "t.jsonl", toy_rows(10))
     cfg = make_config(**{"data.train": str(p), "data.validation": None, "train.batch_size": 16})
