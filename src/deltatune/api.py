@@ -150,7 +150,7 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
         t0 = time.perf_counter()
         loop.seed_everything(cfg.train.seed)
         tokenizer = models.load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
-        bundle = data_mod.build(cfg.data, tokenizer, task=cfg.task)
+        bundle = data_mod.build(cfg.data, tokenizer, task=cfg.task, min_rows=cfg.train.batch_size)
         if dist.is_main:
             if not (run_dir / "labels.json").exists():
                 progress["wrote"].append(run_dir / "labels.json")
