@@ -88,3 +88,45 @@ def test_roundtrip_resolved_yaml(tmp_path):
     p = tmp_path / "resolved.yaml"
     p.write_text(cfg.to_yaml())
     assert config.load(p) == cfg
+
+
+QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+
+
+def test_recipe_metric_follows_a_task_set_on_the_command_line(capsys):
+    # quickstart.yaml sets eval.metric: accuracy, which causal_lm does not have.
+    cfg = config.load(QUICKSTART, ["task=causal_lm"])
+    assert cfg.eval.metric == "auto" and cfg.metric == "loss"
+    note = capsys.readouterr().err
+    assert "eval.metric=accuracy" in note and f"{QUICKSTART}:" in note and "task causal_lm" in note
+    assert "loss" in note
+    # A metric the new task has is kept as written.
+    assert config.load(QUICKSTART, ["task=classification"]).eval.metric == "accuracy"
+
+
+def test_metric_set_on_the_command_line_does_not_follow(capsys):
+    cfg = config.load(QUICKSTART, ["task=causal_lm", "eval.metric=accuracy"])
+    assert cfg.eval.metric == "accuracy"  # api.preflight refuses it, naming the task (test_methods)
+    assert "eval.metric" not in capsys.readouterr().err
+
+
+def test_metric_and_task_both_from_the_file_do_not_follow(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("task: causal_lm\ndata:\n  train: x.jsonl\neval:\n  metric: accuracy\n")
+    assert config.load(p).eval.metric == "accuracy"  # the file contradicts itself: preflight says so
+
+
+@pytest.mark.parametrize("text,first,second,key", [
+    ("data:\n  train: a.csv\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", 4, 6, "train.lr"),
+    ("task: classification\ndata:\n  train: a.csv\ntask: causal_lm\n", 1, 4, "task"),
+    ("data:\n  train: a.csv\nmethod:\n  name: lora\n  target_modules: [a]\n  r: 4\n  target_modules: [b]\n",
+     5, 7, "method.target_modules"),
+    ("data:\n  train: a.csv\ndata:\n  validation: 0.2\n", 1, 3, "data"),
+])
+def test_duplicate_keys_are_errors_naming_both_lines(tmp_path, text, first, second, key):
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    msg = str(e.value)
+    assert f"`{key}`" in msg and f"{p}:{first}" in msg and f"{p}:{second}" in msg and "Fix:" in msg, msg

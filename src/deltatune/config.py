@@ -148,21 +148,45 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         text = path.read_text(encoding="utf-8")
         try:
             raw = yaml.safe_load(text) or {}
-            lines = _key_lines(yaml.compose(text))
+            lines = _key_lines(yaml.compose(text), source=source)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (task:, model:, ...)")
     origin = {k: f"{source}:{line}" for k, line in lines.items()}
+    overridden: set[tuple[str, ...]] = set()
     for item in overrides or []:
         keys, value = parse_override(item)
         _set(raw, keys, value, item)
         origin[keys] = f"override `{item}`"
+        overridden.add(keys)
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         method = (raw.get("method") or {}).get("name", "full") if isinstance(raw.get("method"), dict) else None
         raise ConfigError(_explain(e, origin, source, method)) from None
+    if ("task",) in overridden and ("eval", "metric") not in overridden:
+        _metric_follows_task(cfg, origin.get(("eval", "metric"), source))
+    return cfg
+
+
+def _metric_follows_task(cfg: RunConfig, where: str) -> None:
+    """A recipe's eval.metric that the task set on the command line does not have (quickstart's `accuracy`
+    with task=causal_lm) follows the task, as `auto` would. Only then: a metric set on the command line, or
+    a file that names a task and a metric that contradict each other, stay errors (api.preflight)."""
+    if cfg.eval.metric == "auto":
+        return
+    from deltatune.evaluation.metrics import TASK_METRICS
+
+    if cfg.eval.metric in TASK_METRICS[cfg.task]:
+        return
+    written = cfg.eval.metric
+    cfg.eval.metric = "auto"
+    from deltatune.engine.report import console
+
+    console.print(f"note: eval.metric={written} ({where}) does not exist for task {cfg.task} (set on the command "
+                  f"line); using {cfg.metric}, as eval.metric=auto would. To choose another, add "
+                  f"eval.metric=... ({', '.join(TASK_METRICS[cfg.task])}).", highlight=False, soft_wrap=True)
 
 
 def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
@@ -196,14 +220,22 @@ def _set(raw: dict[str, Any], keys: tuple[str, ...], value: Any, item: str) -> N
     node[keys[-1]] = value
 
 
-def _key_lines(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
-    """Map each key path in a composed YAML document to its 1-based line number."""
+def _key_lines(node: Any, prefix: tuple[str, ...] = (), source: str = "") -> dict[tuple[str, ...], int]:
+    """Map each key path in a composed YAML document to its 1-based line number.
+
+    A key written twice in one mapping is an error naming both lines: YAML loaders silently keep the last."""
     out: dict[tuple[str, ...], int] = {}
     if isinstance(node, yaml.MappingNode):
+        here: dict[str, int] = {}
         for key_node, value_node in node.value:
-            path = (*prefix, str(key_node.value))
-            out[path] = key_node.start_mark.line + 1
-            out.update(_key_lines(value_node, path))
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            path = (*prefix, key)
+            if key in here:
+                raise ConfigError(f"{source}:{here[key]} and {source}:{line}: `{'.'.join(path)}` is set twice (YAML "
+                                  f"would silently keep the second). Fix: delete one of them, or merge the two.")
+            here[key] = line
+            out[path] = line
+            out.update(_key_lines(value_node, path, source))
     return out
 
 
