@@ -184,6 +184,9 @@ def test_merge_into_a_non_empty_directory_needs_overwrite_and_a_previous_merge(l
     assert (out / "model.safetensors").stat().st_mtime_ns != first
     assert not any(p.name.startswith(".") for p in out.iterdir()), "the lock file is gone after the merge"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(DeltatuneError, match="verification failed"):  # a failed merge leaves no new directory
+        merge(run, tmp_path / "never", tolerance=-1.0)
+    assert not (tmp_path / "never").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     merge(run, empty)  # an existing empty directory is fine
