@@ -91,7 +91,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(make_config, tmp_path, ca
     assert not (run / runlock.LOCK).exists()
 
 
-def test_a_held_lock_refuses_train_and_merge_in_process(make_config, tmp_path):
+def test_a_held_lock_refuses_another_train_in_the_same_process(make_config, tmp_path):
     cfg = make_config(**{"train.max_steps": 2})
     with runlock.hold(cfg.output.dir, "deltatune train other.yaml"):
         with pytest.raises(DeltatuneError, match=rf"pid {os.getpid()}: `deltatune train other.yaml`"):
