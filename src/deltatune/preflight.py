@@ -62,10 +62,8 @@ def _remote_code(cfg) -> None:
         return
     from deltatune.models.catalogue import resolve
 
-    try:
-        f = Path(resolve(cfg.model.name)) / "config.json"
-    except ConfigError:  # not found: the loader says so, with the model names it knows
-        return
+    # An unknown name fails here, at once and before any data work, with the nearest built-in name.
+    f = Path(resolve(cfg.model.name, cfg.model.revision)) / "config.json"
     meta = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
     if "auto_map" not in meta:
         return

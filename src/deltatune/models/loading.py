@@ -17,7 +17,7 @@ from deltatune.models.catalogue import resolve
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False
                    ) -> PreTrainedTokenizerBase:
-    source = resolve(name)
+    source = resolve(name, revision)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -43,7 +43,7 @@ def load_classifier(name: str, labels: list[str], tokenizer: PreTrainedTokenizer
                     revision: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa",
                     **extra) -> torch.nn.Module:
     """A sequence classifier whose head knows the label names and ids."""
-    source = resolve(name)
+    source = resolve(name, revision)
     id2label = dict(enumerate(labels))
     # transformers reports the new head as MISSING weights; the head is new by design, and deltatune
     # says so itself, so only errors get through while loading.
@@ -77,7 +77,7 @@ def load_model(task: str, name: str, labels: list[str], tokenizer: PreTrainedTok
     if task == "classification":
         return load_classifier(name, labels, tokenizer, revision, trust_remote_code, attention, **extra)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve(name), revision=revision, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(resolve(name, revision), revision=revision, dtype=torch.float32,
                                                      trust_remote_code=trust_remote_code,
                                                      attn_implementation=attention, **extra)
     except OSError as e:

@@ -18,7 +18,7 @@ from deltatune.models.catalogue import resolve
 def skeleton(cfg: RunConfig, num_labels: int) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    model_cfg = AutoConfig.from_pretrained(resolve(cfg.model.name), revision=cfg.model.revision,
+    model_cfg = AutoConfig.from_pretrained(resolve(cfg.model.name, cfg.model.revision), revision=cfg.model.revision,
                                            trust_remote_code=cfg.model.trust_remote_code)
     model_cfg.num_labels = num_labels
     if getattr(model_cfg, "pad_token_id", None) is None:
