@@ -258,3 +258,13 @@ def test_trainable_counts_equal_the_closed_form(name, make_config):
     model, _, trainable = base_state(make_config(**overrides))
     counted = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
     assert counted == expected + HEAD
+
+
+def test_methods_listing_shows_real_defaults_only():
+    from deltatune.cli import method_options
+
+    shown = {name: method_options(m) for name, m in REGISTRY.items()}
+    assert not any("Undefined" in s for s in shown.values()), shown
+    assert "patterns" not in shown["freeze"] and "train_layers" not in shown["freeze"]  # empty / unset
+    assert "r=8" in shown["lora"] and "target_modules='auto'" in shown["lora"]
+    assert shown["full"] == "-"

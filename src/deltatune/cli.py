@@ -279,11 +279,22 @@ def methods_() -> None:
     for col in ("what trains", "saved as", "merge", "options"):
         table.add_column(col)
     for m in REGISTRY.values():
-        opts = ", ".join(f"{k}={v.default!r}" for k, v in m.Config.model_fields.items() if k != "name"
-                         and v.default is not None and not callable(v.default)) or "-"
         merge = {True: "yes", False: "no", None: "n/a (full model)"}[m.mergeable]
-        table.add_row(m.name, m.description, m.saves, merge, opts)
+        table.add_row(m.name, m.description, m.saves, merge, method_options(m))
     out.print(table)
+
+
+def method_options(method) -> str:
+    """`key=default, ...` of a method's options; options without a default value (unset, empty) are left out.
+    Defaults made by a factory (`patterns: []`) are built, not shown as pydantic's `PydanticUndefined`."""
+    shown = []
+    for key, field in method.Config.model_fields.items():
+        if key == "name" or field.is_required():
+            continue
+        value = field.get_default(call_default_factory=True)
+        if value is not None and value != [] and value != {}:
+            shown.append(f"{key}={value!r}")
+    return ", ".join(shown) or "-"
 
 
 @app.command()
