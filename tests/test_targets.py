@@ -37,20 +37,33 @@ def _toy_tokenizer(tokenizer_dir):
                                    eos_token="[SEP]", unk_token="[UNK]", pad_token="[PAD]")
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2(tmp_path_factory, tokenizer_dir):
+def _save_tiny_gpt2(out, tokenizer_dir, positions: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = _toy_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
-    # 512 positions: the forgetting probe (causal_lm) reads 256-token articles.
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=LAYERS, n_head=2, n_positions=512,
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=LAYERS, n_head=2, n_positions=positions,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2)
-    out = tmp_path_factory.mktemp("tiny-gpt2")
     GPT2LMHeadModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tokenizer_dir):
+    return _save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), tokenizer_dir, positions=512)
+
+
+def test_forgetting_probe_fits_a_model_with_few_positions(tmp_path_factory, tokenizer_dir, make_config):
+    """GPT-2 learns a table of positions: 256-token probe articles on a 64-position model indexed past its
+    end (IndexError after training). The probe reads as many tokens as the model has positions."""
+    small = _save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-64"), tokenizer_dir, positions=64)
+    cfg = make_config(model=small, **{"task": "causal_lm", "method.name": "lora", "train.max_steps": 2,
+                                      "eval.every": 100, "eval.forgetting_rows": 2, "data.max_length": 64})
+    summary = api.train(cfg)
+    assert "first 64 tokens" in summary["forgetting"]["text"]
+    assert summary["forgetting"]["tokens"] == 2 * 64
 
 
 @pytest.fixture(scope="session")

@@ -122,7 +122,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                         total_steps)
 
     gen_eval = generation_inputs(data.validation, cfg, tokenizer) if data.validation is not None else None
-    probe = forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows) if lm and cfg.eval.forgetting else None
+    probe = forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows, forgetting.probe_length(model)) \
+        if lm and cfg.eval.forgetting else None
 
     def run_eval(at_step: int) -> dict:
         result = evaluate(model, data.validation, len(data.labels), prec, dist.device, pad_id, cfg.eval.batch_size,

@@ -26,6 +26,13 @@ SOURCE = "bbc-news"
 TOKENS = 256  # per article: fixed, so runs with different data.max_length compare
 
 
+def probe_length(model) -> int:
+    """TOKENS, or fewer for a model with fewer positions (a small GPT-2's learned position table would
+    otherwise be indexed past its end)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return min(TOKENS, positions) if positions else TOKENS
+
+
 def probe_split(tokenizer: PreTrainedTokenizerBase, rows: int, max_length: int = TOKENS, seed: int = 0) -> Split:
     path = BUILTIN_DATASETS[SOURCE].path()
     articles = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
