@@ -207,3 +207,13 @@ def test_gpt2_lora_through_the_cli_trains_merges_and_generates_without_noise(tin
     r = runner.invoke(app, ["generate", str(merged), "-p", "the film was", "--max-new-tokens", "4", "--json"],
                       catch_exceptions=False)
     assert r.exit_code == 0 and '"text"' in r.output, r.output
+
+
+def test_prefix_tuning_on_a_decoder_prints_no_deprecation_noise(tiny_llama, make_config):
+    """peft passes prefixes as `past_key_values`, which transformers deprecated: not the user's concern."""
+    cfg = make_config(model=tiny_llama, **{"task": "causal_lm", "method.name": "prefix_tuning", "train.max_steps": 2,
+                                           "eval.every": 100, "eval.forgetting": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        quiet_third_party()
+        api.train(cfg)

@@ -156,6 +156,7 @@ def quiet_third_party() -> None:
       bitsandbytes falls back to its own kernel.
     - peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model
       (peft_model.py), and transformers warns with a FutureWarning about peft's code, not the user's.
+    - peft passes prefix tuning's prefixes to decoders as `past_key_values`, a name transformers deprecated.
     - (and one more, for ln_tuning only) peft's layer probe warns "Unsupported layer type" for norm layers.
     """
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -163,6 +164,9 @@ def quiet_third_party() -> None:
         logger.addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
                             module="transformers.modeling_utils")
+    # peft hands prefix-tuning prefixes to decoders as `past_key_values`, which transformers renamed `cache`.
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated .* Use `cache` instead",
+                            category=FutureWarning)
     # LayerNorm tuning wraps norm layers by design; peft's generic layer probe calls them "unsupported".
     warnings.filterwarnings("ignore", message=r"Unsupported layer type '<class '[\w.]*Norm'>' encountered",
                             category=UserWarning, module="peft.tuners.tuners_utils")
