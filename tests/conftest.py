@@ -80,6 +80,21 @@ def save_tiny_bert(out: Path, tokenizer_dir: Path, dropout: float = 0.0) -> Path
 
 
 @pytest.fixture(scope="session")
+def tok(tokenizer_dir):
+    """The toy tokenizer, loaded."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def data_section(**kw):
+    """A validated `data:` section from keyword values, e.g. data_section(train=path, validation="null")."""
+    from deltatune import config
+
+    return config.load(None, [f"data.{k}={v}" for k, v in kw.items()]).data
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, tokenizer_dir) -> Path:
     """Dropout off, so batch-size invariants can be exact."""
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), tokenizer_dir)

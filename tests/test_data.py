@@ -6,23 +6,14 @@ import csv
 
 import pandas as pd
 import pytest
-from transformers import AutoTokenizer
 
-from deltatune import config
 from deltatune.data import build
 from deltatune.data.builtin import BUILTIN_DATASETS
 from deltatune.errors import ConfigError, DataError
 
-from .conftest import toy_rows, write_jsonl
+from .conftest import data_section, toy_rows, write_jsonl
 
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
-def section(**kw):
-    return config.load(None, [f"data.{k}={v}" for k, v in kw.items()]).data
+section = data_section
 
 
 def write_all_formats(tmp_path, rows):

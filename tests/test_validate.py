@@ -7,23 +7,16 @@ import json
 
 import pandas as pd
 import pytest
-from transformers import AutoTokenizer
 
-from deltatune import api, config
+from deltatune import api
 from deltatune.data import build
 from deltatune.errors import DataError
 
-from .conftest import toy_rows, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+from .conftest import data_section, toy_rows, write_jsonl
 
 
 def section(**kw):
-    kw.setdefault("validation", "null")
-    return config.load(None, [f"data.{k}={v}" for k, v in kw.items()]).data
+    return data_section(**{"validation": "null", **kw})
 
 
 def messy_jsonl(path):
