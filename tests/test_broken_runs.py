@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from deltatune import api, config
+from deltatune import api, artifacts, config
 from deltatune.cli import main
 from deltatune.errors import DeltatuneError
 
@@ -118,7 +118,7 @@ def test_an_unfinished_run_with_checkpoints_is_told_to_resume(copy):
 def test_the_loaders_own_errors_are_caught_too(monkeypatch, copy, kind, broken):
     """Second line of defence: with the checks before loading switched off, what transformers, peft and
     safetensors raise for the same files still becomes a sentence naming the artifact."""
-    monkeypatch.setattr(api, "_artifact_problem", lambda artifact: None)
+    monkeypatch.setattr(artifacts, "_artifact_problem", lambda artifact: None)
     run = copy(kind)
     BREAKS[broken](run, kind)
     with pytest.raises(DeltatuneError) as e:

@@ -11,8 +11,6 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +22,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from deltatune import artifacts, inference, methods, models
 from deltatune import config as config_mod
 from deltatune import data as data_mod
-from deltatune import inference, methods, models
 from deltatune.config import RunConfig
 from deltatune.data import sources, validate
 from deltatune.data.batching import collate, eval_batches
@@ -78,7 +76,7 @@ def train(cfg: RunConfig, resume: str | None = None, resume_command: str | None 
     try:
         with faults.sigterm_raises():
             if lock is not None:
-                runlock.settle(run_dir)  # what a killed replacement of this run left
+                runlock.settle(run_dir, state.has_saved)  # what a killed replacement of this run left
             return _train(cfg, resume, run_dir, lock, progress)
     except BaseException as e:
         rolled_back = lock is not None and _undo_failed_start(lock, progress)
@@ -278,6 +276,7 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     path = Path(run_dir)
+    runlock.settle_unlocked(path, state.has_saved)  # a killed output.overwrite of this run
     checkpoint.recover(path)  # a save killed between its two renames left the complete old copy aside
     for needed in ("config.yaml", "labels.json"):
         if not (path / needed).exists() or not ((path / "model").exists() or (path / "adapter").exists()):
@@ -289,12 +288,12 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
                       f"saved before it stopped.", highlight=False, soft_wrap=True)
     labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
     artifact = path / ("adapter" if (path / "adapter").exists() else "model")
-    check_artifact(path, artifact)
+    artifacts.check(path, artifact)
     if artifact.name == "adapter":
         # The base comes from where the run found it; the adapter (and the trained head) from the run.
         from peft import PeftModel
 
-        with _reading(path, artifact):
+        with artifacts.reading(path, artifact):
             tokenizer = AutoTokenizer.from_pretrained(artifact)
         # Seeded as in training, so even the untrained copy of the head peft keeps is reproduced.
         loop.seed_everything(cfg.train.seed)
@@ -303,7 +302,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
                                  cfg.model.trust_remote_code, "sdpa", **_load_kwargs(cfg, target))
         from deltatune.methods import adapter as bottleneck
 
-        with _reading(path, artifact):
+        with artifacts.reading(path, artifact):
             own = bottleneck.is_saved_adapter(artifact)  # deltatune's own format; peft cannot read it
             model = bottleneck.from_pretrained(base, artifact) if own else PeftModel.from_pretrained(base, artifact)
         if not own and cfg.method.name == "prefix_tuning" and cfg.task == "classification":
@@ -312,98 +311,13 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
             model = prefix_through_cache(model)
     else:
         auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
-        with _reading(path, artifact):
+        with artifacts.reading(path, artifact):
             tokenizer = AutoTokenizer.from_pretrained(artifact)
             model = auto.from_pretrained(artifact, dtype=torch.float32)
     if not lora_mod.is_quantized(model):  # 4-bit weights are placed by device_map and cannot move
         model.to(device or _default_device())
     model.eval()
     return LoadedRun(path, cfg, model, tokenizer, labels)
-
-
-def check_artifact(run_dir: Path, artifact: Path) -> None:
-    """Before loading: a saved model with a missing, cut-short or corrupt file is refused with a sentence
-    naming the file, instead of whatever traceback the loader would give."""
-    if found := _artifact_problem(artifact):
-        raise DeltatuneError(_unloadable(run_dir, *found))
-
-
-def _artifact_problem(artifact: Path) -> tuple[Path, str] | None:
-    """The first file of a saved model (model/ or adapter/) that cannot load, and what is wrong with it:
-    a copy that stopped early or a full disk leaves files missing or cut short, which the loaders
-    report as unrelated-looking tracebacks."""
-    config_file = artifact / ("adapter_config.json" if artifact.name == "adapter" else "config.json")
-    if problem := _json_problem(config_file):
-        return config_file, problem
-    weights = [artifact / ("adapter_model.safetensors" if artifact.name == "adapter" else "model.safetensors")]
-    index = artifact / "model.safetensors.index.json"
-    if artifact.name == "model" and index.is_file():  # a large model saved in shards
-        if problem := _json_problem(index):
-            return index, problem
-        shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()
-        weights = [artifact / name for name in sorted(set(shards))]
-    for file in weights:
-        if problem := _safetensors_problem(file):
-            return file, problem
-    return None
-
-
-def _json_problem(file: Path) -> str | None:
-    if not file.is_file():
-        return "missing"
-    try:
-        data = json.loads(file.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f" ({e.msg}, line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
-        return f"corrupt: not valid JSON{where}"
-    return None if isinstance(data, dict) else "corrupt: not a JSON object"
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    """Read the header (8-byte length, then JSON naming each tensor's byte range) and compare the file's
-    length with where the last tensor ends: a file cut short fails here, before any weight is read."""
-    if not file.is_file():
-        return "missing"
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if len(head) < 8 or n > size - 8:
-            return f"truncated or corrupt: {size:,} bytes, header unreadable (too short for the header it declares)"
-        try:
-            header = json.loads(f.read(n))
-            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError):
-            return f"corrupt: {size:,} bytes, header unreadable (not a safetensors header)"
-    expected = 8 + n + max(ends, default=0)
-    if size != expected:
-        return f"truncated or corrupt: {size:,} bytes, but its header describes {expected:,}"
-    return None
-
-
-def _unloadable(run: Path, file: Path, problem: str) -> str:
-    """Which file, what is wrong with it, and the ways back to a run that loads."""
-    fixes = ["copy the run directory again from where it was made",
-             f"train it again (`deltatune train {run / 'config.yaml'} output.overwrite=true`)"]
-    newest = state.latest(state.checkpoints_dir(run))
-    if newest is not None and not (run / "summary.json").exists():  # unfinished: its checkpoints can finish it
-        fixes.insert(0, f"`deltatune train {run / 'config.yaml'} --resume auto` continues from its newest "
-                        f"checkpoint ({newest.name}) and saves the model again")
-    return f"{file}: {problem}, so the run's trained model cannot be loaded. Fix: {'; or '.join(fixes)}."
-
-
-@contextmanager
-def _reading(run: Path, artifact: Path) -> Iterator[None]:
-    """Second line of defence behind `_artifact_problem`: what transformers, peft and safetensors raise
-    for unreadable files in `artifact` becomes the same kind of sentence (only these error types)."""
-    from huggingface_hub.errors import HFValidationError  # peft's error for a missing adapter file
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (OSError, SafetensorError, HFValidationError, json.JSONDecodeError) as e:
-        cause = (str(e).strip().splitlines() or [""])[0]
-        raise DeltatuneError(_unloadable(run, artifact, f"unreadable ({type(e).__name__}: {cause})")) from None
 
 
 def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from deltatune import artifacts, models
 from deltatune import config as config_mod
-from deltatune import models
 from deltatune.data.batching import collate
 from deltatune.engine.loop import seed_everything
 from deltatune.errors import DeltatuneError
@@ -60,13 +60,11 @@ class MultiAdapter:
         self.runs = [Path(r) for r in run_dirs]
         self.names = {str(r): f"run{i}" for i, r in enumerate(self.runs)}
         cfgs = []
-        from deltatune.api import check_artifact  # api imports this module
-
         for run in self.runs:
             if not (run / "adapter").is_dir():
                 raise DeltatuneError(f"{run}: not an adapter run (no adapter/); multi-adapter serving needs runs "
                                      f"trained with a peft method such as lora")
-            check_artifact(run, run / "adapter")
+            artifacts.check(run, run / "adapter")
             cfgs.append(config_mod.load(run / "config.yaml"))
         self.labels = {str(r): json.loads((r / "labels.json").read_text()) for r in self.runs}
         first = cfgs[0]

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from deltatune.engine import faults, runlock
+from deltatune.engine import disk, runlock
 from deltatune.engine.faults import kill_point
 
 # transformers draws a progress bar per save; with a save per improved eval that is noise.
@@ -50,7 +50,7 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, targe
                 os.fsync(fh.fileno())
     except Exception as e:  # a full disk or a read-only directory gets a sentence; anything else stays a bug
         shutil.rmtree(tmp, ignore_errors=True)  # the previous complete copy is untouched
-        failure = faults.write_failure(e, target, what)
+        failure = disk.write_failure(e, target, what)
         if failure is None:
             raise
         raise failure from None
@@ -65,9 +65,8 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, targe
 
 
 def recover(run_dir: Path) -> None:
-    """Undo what a kill left: inside `save_model`, the complete old copy comes back and a partial new one goes;
-    inside a replacement of the whole run (output.overwrite), see `runlock.settle`."""
-    runlock.settle_unlocked(run_dir)
+    """Undo what a kill inside `save_model` left: the complete old copy comes back, a partial new one goes.
+    (A kill inside a replacement of the whole run, output.overwrite, is `runlock.settle`'s.)"""
     for name in ("model", "adapter"):
         recover_target(run_dir / name)
 

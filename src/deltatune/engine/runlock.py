@@ -9,7 +9,7 @@ lock, so an acquirer checks after locking that the name still points at the file
 `Lock.replace()` moves a run aside as `.<name>.replaced-<pid>` (one rename on the same filesystem)
 and starts an empty directory under the name. `artifact_saved` removes the old run once the new one
 has saved its first model or checkpoint; `rollback` renames it back when the new run fails before
-that. After a kill, `settle` (run by the next command that locks the directory, or loads the run)
+that. After a kill, `settle` (run by the next `train` of the directory, or a command that loads the run)
 does what the dead process could not: it puts the old run back while the new one has saved
 nothing, and finishes the removal once it has.
 """
@@ -22,10 +22,11 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from deltatune.engine import disk
 from deltatune.errors import DeltatuneError
 
 LOCK = ".deltatune.lock"
@@ -125,21 +126,15 @@ def _put_back(run_dir: Path, aside: Path) -> None:
     os.rename(aside, run_dir)
 
 
-def has_artifact(run_dir: Path) -> bool:
-    from deltatune.engine import state
-
-    return (run_dir / "model").is_dir() or (run_dir / "adapter").is_dir() or bool(
-        state.complete(state.checkpoints_dir(run_dir)))
-
-
-def settle(run_dir: Path) -> None:
-    """Finish what a killed replacement left (call with the directory's lock held, or with nobody holding it)."""
+def settle(run_dir: Path, saved: Callable[[Path], bool]) -> None:
+    """Finish what a killed replacement left (call with the directory's lock held, or with nobody holding it).
+    `saved(run_dir)`: whether the replacing run got as far as a complete model or checkpoint."""
     run_dir = Path(run_dir)
     mine = f".{run_dir.name}.replaced-{os.getpid()}"
     for aside in sorted(run_dir.parent.glob(f".{run_dir.name}.replaced-*")):
         if aside.name == mine or not aside.is_dir():
             continue
-        if run_dir.is_dir() and has_artifact(run_dir):
+        if run_dir.is_dir() and saved(run_dir):
             shutil.rmtree(aside, ignore_errors=True)
             _say(f"removed {aside}: the run that replaced it in {run_dir} had saved its first model or checkpoint "
                  f"before it was killed")
@@ -151,7 +146,7 @@ def settle(run_dir: Path) -> None:
                  f"before it saved anything")
 
 
-def settle_unlocked(run_dir: Path) -> None:
+def settle_unlocked(run_dir: Path, saved: Callable[[Path], bool]) -> None:
     """For commands that only read a run: settle a killed replacement if nobody holds the directory now."""
     run_dir = Path(run_dir)
     if not any(run_dir.parent.glob(f".{run_dir.name}.replaced-*")):
@@ -161,15 +156,13 @@ def settle_unlocked(run_dir: Path) -> None:
     except DeltatuneError:  # a replacement is running now (or the directory cannot be written): leave it
         return
     try:
-        settle(run_dir)
+        settle(run_dir, saved)
     finally:
         lock.release()
 
 
 def _write_error(directory: Path, e: OSError) -> DeltatuneError:
-    from deltatune.engine import faults
-
-    return faults.write_failure(e, directory / LOCK, "the lock file of the output directory") or DeltatuneError(
+    return disk.write_failure(e, directory / LOCK, "the lock file of the output directory") or DeltatuneError(
         f"{directory}: cannot create the lock file: {e}")
 
 
@@ -217,7 +210,6 @@ def acquire(directory: str | Path, command: str | None = None) -> Lock:
 def hold(directory: str | Path, command: str | None = None) -> Iterator[Lock]:
     lock = acquire(directory, command)
     try:
-        settle(lock.dir)
         yield lock
     finally:
         lock.release()

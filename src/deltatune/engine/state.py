@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from deltatune.engine import faults, runlock
+from deltatune.engine import disk, runlock
 from deltatune.engine.faults import kill_point
 from deltatune.errors import ConfigError
 from deltatune.methods.common import load_named
@@ -58,6 +58,12 @@ def complete(ckdir: Path) -> list[Path]:
         return []
     found = [p for p in ckdir.iterdir() if p.is_dir() and NAME.match(p.name) and (p / STATE).is_file()]
     return sorted(found, key=step_of)
+
+
+def has_saved(run_dir: Path) -> bool:
+    """Whether a run got as far as a complete best model/adapter or resumable checkpoint."""
+    run_dir = Path(run_dir)
+    return (run_dir / "model").is_dir() or (run_dir / "adapter").is_dir() or bool(complete(checkpoints_dir(run_dir)))
 
 
 def latest(ckdir: Path) -> Path | None:
@@ -277,7 +283,7 @@ class Saver:
         try:
             write()
         except Exception as e:
-            failure = faults.write_failure(e, path, f"checkpoint {tmp.name.removeprefix('.tmp-')}")
+            failure = disk.write_failure(e, path, f"checkpoint {tmp.name.removeprefix('.tmp-')}")
             if failure is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
