@@ -63,6 +63,24 @@ def test_packing_plan_uses_every_example_once_within_max_length():
     assert len(groups) < len(lengths) / 2  # it actually packs
 
 
+def test_packing_is_pure_and_build_makes_the_split():
+    """packing.py imports nothing from deltatune (build.py imports it: the other way round was a cycle);
+    it takes and returns plain datasets, and statistics."""
+    import ast
+
+    import datasets
+
+    tree = ast.parse(open(packing.__file__, encoding="utf-8").read())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.startswith("deltatune")]
+    rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    ds = datasets.Dataset.from_dict({"input_ids": rows, "length": [len(r) for r in rows]})
+    packed, stats = packing.pack_dataset(ds, 8, seed=0)
+    assert isinstance(packed, datasets.Dataset) and sorted(packed["length"]) == [2, 7]
+    assert stats == {"examples": 3, "sequences": 2, "examples_per_sequence": 1.5, "fill": 0.5625}
+
+
 def tiny_gpt2(vocab: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -105,7 +105,8 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     })
     if section.packing:
         # Only training is packed: evaluation scores each example on its own.
-        train, stats["packing"] = packing.pack_split(train, section.max_length, section.seed)
+        packed, stats["packing"] = packing.pack_dataset(train.dataset, section.max_length, section.seed)
+        train = Split(name=train.name, dataset=packed, rows=train.rows, truncated=train.truncated, where=train.where)
     return DataBundle(labels=labels, train=train, validation=val, stats=stats)
 
 

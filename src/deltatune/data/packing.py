@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 
+import datasets
 import numpy as np
 
 IGNORE = -100
@@ -66,18 +67,13 @@ def pack_rows(input_ids: list[list[int]], labels: list[list[int]] | None, groups
     return out
 
 
-def pack_split(split, max_length: int, seed: int):
-    """A Split of packed rows, and statistics: examples per row and the share of real tokens."""
-    import datasets
-
-    from deltatune.data.build import Split
-
-    ds = split.dataset
+def pack_dataset(ds: datasets.Dataset, max_length: int, seed: int) -> tuple[datasets.Dataset, dict]:
+    """Packed rows of a tokenized dataset (input_ids, length, labels if any), and statistics: examples
+    per row and the share of real tokens. The caller wraps them in its Split (data/build.py)."""
     lengths = list(ds["length"])
     groups = plan(lengths, max_length, seed)
     packed = pack_rows(ds["input_ids"], ds["labels"] if "labels" in ds.column_names else None, groups)
     stats = {"examples": len(lengths), "sequences": len(groups),
              "examples_per_sequence": round(len(lengths) / max(len(groups), 1), 2),
              "fill": round(sum(lengths) / max(len(groups) * max_length, 1), 4)}
-    return Split(name=split.name, dataset=datasets.Dataset.from_dict(packed), rows=split.rows,
-                 truncated=split.truncated, where=split.where), stats
+    return datasets.Dataset.from_dict(packed), stats
