@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune import api
-from deltatune.engine import loop, precision, state
+from deltatune.engine import checkpoints, loop, precision
 from deltatune.engine.faults import NumericalError
 from deltatune.errors import DeltatuneError
 
@@ -93,8 +93,8 @@ def test_k_non_finite_steps_in_a_row_stop_with_a_diagnosis(make_config, monkeypa
         api.train(cfg)
     msg = str(e.value)
     run = tmp_path / "run"
-    last = state.latest(run / "checkpoints")
-    assert state.step_of(last) == 4  # written before the fault; nothing after it
+    last = checkpoints.latest(run / "checkpoints")
+    assert checkpoints.step_of(last) == 4  # written before the fault; nothing after it
     assert "stopped at step 8" in msg and "3 steps in a row (steps 6-8" in msg
     assert "train.lr=0.003" in msg and "precision: fp32" in msg
     assert f"last good checkpoint: {last} (step 4;" in msg and "train.max_grad_norm=0.25 (now 1)" in msg

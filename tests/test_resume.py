@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune import api, config
-from deltatune.engine import state
+from deltatune.engine import checkpoints
 from deltatune.errors import ConfigError
 from tests.conftest import save_tiny_bert
 
@@ -68,7 +68,7 @@ def assert_same_run(a: Path, b: Path, sa: dict, sb: dict) -> None:
     artifact = "model/model.safetensors" if (a / "model").exists() else "adapter/adapter_model.safetensors"
     wa, wb = load_file(a / artifact), load_file(b / artifact)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "best model differs"
-    newest_a, newest_b = state.latest(a / "checkpoints"), state.latest(b / "checkpoints")
+    newest_a, newest_b = checkpoints.latest(a / "checkpoints"), checkpoints.latest(b / "checkpoints")
     assert newest_a.name == newest_b.name
     ca, cb = load_file(newest_a / "weights.safetensors"), load_file(newest_b / "weights.safetensors")
     assert all(torch.equal(ca[k], cb[k]) for k in ca), "weights of the newest checkpoint differ"
@@ -135,7 +135,7 @@ def test_kill_and_resume_equals_uninterrupted(case, reference, dropout_bert, toy
     assert not any(p.name.startswith(".") for p in (tmp_path / "run" / "checkpoints").iterdir()), note
     assert_same_run(Path(ref_cfg.output.dir), tmp_path / "run", ref, resumed)
     if case == "checkpoint":  # the checkpoint being written was ignored: the resume used the one before it
-        assert resumed["resumed_from"] is None or state.step_of(Path(resumed["resumed_from"])) < STEPS
+        assert resumed["resumed_from"] is None or checkpoints.step_of(Path(resumed["resumed_from"])) < STEPS
 
 
 def test_a_torn_checkpoint_is_never_read(reference, tmp_path):
@@ -146,31 +146,31 @@ def test_a_torn_checkpoint_is_never_read(reference, tmp_path):
     shutil.copytree(cfg.output.dir, run)
     (run / "summary.json").unlink()
     ckdir = run / "checkpoints"
-    newest = state.latest(ckdir)
+    newest = checkpoints.latest(ckdir)
     torn = ckdir / "step-000031"
     shutil.copytree(newest, torn)
     (torn / "trainer_state.json").unlink()
     (ckdir / ".tmp-step-000099").mkdir()
-    assert state.latest(ckdir) == newest
+    assert checkpoints.latest(ckdir) == newest
     moved = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(run)})})
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
-        state.resolve(moved, str(torn))
+        checkpoints.resolve(moved, str(torn))
     with pytest.raises(ConfigError, match="no such checkpoint directory"):
-        state.resolve(moved, str(ckdir / "step-000777"))
-    assert state.resolve(moved, "auto") == newest
-    assert state.resolve(moved, str(run)) == newest  # a run directory means its newest checkpoint
-    assert sorted(state.remove_debris(ckdir)) == [".tmp-step-000099", "step-000031"]
+        checkpoints.resolve(moved, str(ckdir / "step-000777"))
+    assert checkpoints.resolve(moved, "auto") == newest
+    assert checkpoints.resolve(moved, str(run)) == newest  # a run directory means its newest checkpoint
+    assert sorted(checkpoints.remove_debris(ckdir)) == [".tmp-step-000099", "step-000031"]
     assert not torn.exists()
 
 
 def test_rotation_keeps_the_newest_and_the_best(reference, dropout_bert, toy_data, tmp_path):
     cfg, s = reference["full"]
-    kept = sorted(state.step_of(p) for p in state.complete(Path(cfg.output.dir) / "checkpoints"))
+    kept = sorted(checkpoints.step_of(p) for p in checkpoints.complete(Path(cfg.output.dir) / "checkpoints"))
     assert kept[-2:] == [25, 30]  # keep_last=2 of every 5 steps (32 total; none at the end)
     # Accuracy peaks early on this task: that best checkpoint survives however many newer ones come.
     acc = make(tmp_path / "acc", dropout_bert, toy_data, **{"eval.metric": "accuracy", "train.keep_last": 1})
     sa = api.train(acc)
-    steps = sorted(state.step_of(p) for p in state.complete(tmp_path / "acc" / "checkpoints"))
+    steps = sorted(checkpoints.step_of(p) for p in checkpoints.complete(tmp_path / "acc" / "checkpoints"))
     assert steps[-1] == 30
     if sa["best_step"] < STEPS:  # (no checkpoint is written at the last step: the run is complete there)
         assert sa["best_step"] in steps and len(steps) == 1 + (sa["best_step"] != 30)
@@ -241,13 +241,13 @@ def test_resume_from_an_older_checkpoint_drops_the_abandoned_branch(reference, t
     cfg, s = reference["full"]
     run = tmp_path / "run"
     shutil.copytree(cfg.output.dir, run)
-    older = state.complete(run / "checkpoints")[0]
+    older = checkpoints.complete(run / "checkpoints")[0]
     moved = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(run)})})
     again = api.train(moved, resume=str(older))
     assert again["resumed_from"] == str(older)
     assert_same_run(Path(cfg.output.dir), run, s, again)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines.count({"resume": {"from": str(older), "step": state.step_of(older)}}) == 1
+    assert lines.count({"resume": {"from": str(older), "step": checkpoints.step_of(older)}}) == 1
 
 
 def test_checkpoints_load_with_weights_only_and_code_has_no_unsafe_loads():
@@ -290,7 +290,7 @@ def test_resume_is_exact_for_other_methods(method, dropout_bert, tiny_llama64, t
     for f in (ref / artifact).glob("*.safetensors"):
         a, b = load_file(f), load_file(tmp_path / "run" / artifact / f.name)
         assert all(torch.equal(a[k], b[k]) for k in a), f"{method}: {f.name} differs after resume"
-    newest = state.latest(ref / "checkpoints").name
+    newest = checkpoints.latest(ref / "checkpoints").name
     a = load_file(ref / "checkpoints" / newest / "weights.safetensors")
     b = load_file(tmp_path / "run" / "checkpoints" / newest / "weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from deltatune import api
-from deltatune.engine import runlock, state
+from deltatune.engine import checkpoints, runlock
 from deltatune.errors import DeltatuneError
 
 
@@ -83,7 +83,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(make_config, tmp_path, ca
     left = json.loads((run / runlock.LOCK).read_text())
     assert left["pid"] == proc.pid and "deltatune train" in left["command"]
     # The lock file does not count as something the unfinished run left, nor hide its checkpoint.
-    assert state.leftovers(run) == ["checkpoints/step-000002"]
+    assert checkpoints.leftovers(run) == ["checkpoints/step-000002"]
     s = api.train(cfg, resume="auto")
     err = flat(capsys.readouterr().err)
     assert f"taking over the lock left by pid {proc.pid}" in err and "no longer running" in err

@@ -29,7 +29,9 @@ from deltatune.config import RunConfig
 from deltatune.data import sources, validate
 from deltatune.data.batching import collate, eval_batches
 from deltatune.data.build import tokenize_split
-from deltatune.engine import checkpoint, distributed, faults, loop, precision, runlock, state
+from deltatune.engine import checkpoints, distributed, faults, loop, precision, runlock
+from deltatune.engine.artifact import artifact_dir
+from deltatune.engine.artifact import recover as recover_model_save
 from deltatune.engine.report import console, summary_table
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods import lora as lora_mod
@@ -76,7 +78,7 @@ def train(cfg: RunConfig, resume: str | None = None, resume_command: str | None 
     try:
         with faults.sigterm_raises():
             if lock is not None:
-                runlock.settle(run_dir, state.has_saved)  # what a killed replacement of this run left
+                runlock.settle(run_dir, checkpoints.has_saved)  # what a killed replacement of this run left
             return _train(cfg, resume, run_dir, lock, progress)
     except BaseException as e:
         rolled_back = lock is not None and _undo_failed_start(lock, progress)
@@ -117,9 +119,9 @@ def _stopped(e: BaseException, cfg: RunConfig, run_dir: Path, rolled_back: bool,
     if rolled_back:
         return (f"stopped by {sig} before this run saved anything; the run it was replacing is back in {run_dir} "
                 f"as it was.")
-    last = state.latest(state.checkpoints_dir(run_dir))
+    last = checkpoints.latest(checkpoints.checkpoints_dir(run_dir))
     if last is not None:
-        return (f"stopped by {sig}; last complete checkpoint: {last} (step {state.step_of(last)}).\n"
+        return (f"stopped by {sig}; last complete checkpoint: {last} (step {checkpoints.step_of(last)}).\n"
                 f"  Resume with: {command}")
     every = cfg.train.save_every
     why = (f"train.save_every={every} and the run stopped before step {every}" if every
@@ -134,9 +136,9 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
         console.print(f"--resume auto: {run_dir} holds a finished run; nothing to resume.", highlight=False,
                       soft_wrap=True)
         return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    resume_from = state.resolve(cfg, resume)
+    resume_from = checkpoints.resolve(cfg, resume)
     if resume == "auto" and resume_from is None:
-        console.print(f"--resume auto: no complete checkpoint in {state.checkpoints_dir(run_dir)}; starting "
+        console.print(f"--resume auto: no complete checkpoint in {checkpoints.checkpoints_dir(run_dir)}; starting "
                       f"from the beginning.", highlight=False, soft_wrap=True)
     preflight(cfg, resuming=resume_from is not None)
     dist = distributed.setup()
@@ -178,11 +180,11 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
             if not faults.is_oom(e):
                 raise
             raise faults.out_of_memory(e, cfg, dist.device) from None
-        artifact = checkpoint.artifact_dir(run_dir, model)
+        saved = artifact_dir(run_dir, model)
         summary = {"run_dir": str(run_dir), "task": cfg.task, "model": cfg.model.name, "method": cfg.method.name,
                    "labels": bundle.labels, "data": bundle.stats, "setup_seconds": round(setup_s, 2),
-                   "trainable_percent": round(100 * trainable / total, 4), "artifact": artifact.name,
-                   "artifact_mb": round(_weights_mb(artifact), 3), **result}
+                   "trainable_percent": round(100 * trainable / total, 4), "artifact": saved.name,
+                   "artifact_mb": round(_weights_mb(saved), 3), **result}
         if dist.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
             console.print(summary_table(summary))
@@ -192,7 +194,7 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
 
 
 # What a run directory holds; output.overwrite replaces only a directory with some of these in it.
-RUN_FILES = ("config.yaml", "summary.json", "labels.json", "metrics.jsonl", "model", "adapter", state.DIRNAME)
+RUN_FILES = ("config.yaml", "summary.json", "labels.json", "metrics.jsonl", "model", "adapter", checkpoints.DIRNAME)
 
 
 def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_from: Path | None, fresh_ok: bool,
@@ -200,30 +202,30 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_from: Path | None, fr
     """Make output.dir ready: a resume keeps everything up to its checkpoint; a fresh start never mixes
     with (or silently deletes) what an unfinished run left there. A run being replaced is moved aside,
     and removed only once the new run has saved its first model or checkpoint (runlock)."""
-    checkpoint.recover(run_dir)
-    ckdir = state.checkpoints_dir(run_dir)
-    removed = state.remove_debris(ckdir)
+    recover_model_save(run_dir)
+    ckdir = checkpoints.checkpoints_dir(run_dir)
+    removed = checkpoints.remove_debris(ckdir)
     if removed:
         console.print(f"removed incomplete checkpoint(s) left by a killed process: {', '.join(removed)}",
                       highlight=False, soft_wrap=True)
     held = [p.name for p in run_dir.iterdir() if p.name != runlock.LOCK] if run_dir.is_dir() else []
     if resume_from is not None:
-        step = state.step_of(resume_from)
-        newer = [p for p in state.complete(ckdir) if state.step_of(p) > step]
+        step = checkpoints.step_of(resume_from)
+        newer = [p for p in checkpoints.complete(ckdir) if checkpoints.step_of(p) > step]
         for p in newer:  # an abandoned branch: `--resume auto` must never pick it up later
-            state.delete(p)
+            checkpoints.delete(p)
         if newer:
             console.print(f"removed {len(newer)} checkpoint(s) newer than {resume_from.name} (the branch this "
                           f"resume abandons): {', '.join(p.name for p in newer)}", highlight=False, soft_wrap=True)
         (run_dir / "summary.json").unlink(missing_ok=True)  # finished again only when this resume finishes
-        state.truncate_metrics(run_dir, step)
+        checkpoints.truncate_metrics(run_dir, step)
     elif held and cfg.output.overwrite:
         if not any(name in RUN_FILES for name in held):
             raise ConfigError(f"output.dir: {run_dir} is not a deltatune run (it holds {', '.join(sorted(held)[:5])}"
                               f"{' ...' if len(held) > 5 else ''}); output.overwrite=true replaces only a run. "
                               f"Fix: choose another output.dir.")
         _replace(lock, run_dir, "output.overwrite=true")
-    elif run_dir.exists() and not (run_dir / "summary.json").exists() and (left := state.leftovers(run_dir)):
+    elif run_dir.exists() and not (run_dir / "summary.json").exists() and (left := checkpoints.leftovers(run_dir)):
         if not fresh_ok:
             raise ConfigError(f"output.dir: {run_dir} holds an unfinished run ({', '.join(left)}). Fix: "
                               f"`deltatune train CONFIG --resume auto` to continue it from its newest checkpoint, "
@@ -236,7 +238,7 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_from: Path | None, fr
     (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     if resume_from is not None:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"resume": {"from": str(resume_from), "step": state.step_of(resume_from)}}) + "\n")
+            f.write(json.dumps({"resume": {"from": str(resume_from), "step": checkpoints.step_of(resume_from)}}) + "\n")
 
 
 def _replace(lock: runlock.Lock | None, run_dir: Path, why: str) -> None:
@@ -276,8 +278,8 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     path = Path(run_dir)
-    runlock.settle_unlocked(path, state.has_saved)  # a killed output.overwrite of this run
-    checkpoint.recover(path)  # a save killed between its two renames left the complete old copy aside
+    runlock.settle_unlocked(path, checkpoints.has_saved)  # a killed output.overwrite of this run
+    recover_model_save(path)  # a save killed between its two renames left the complete old copy aside
     for needed in ("config.yaml", "labels.json"):
         if not (path / needed).exists() or not ((path / "model").exists() or (path / "adapter").exists()):
             raise DeltatuneError(f"{path}: not a finished deltatune run (missing {needed}). "

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deltatune.engine import state
+from deltatune.engine import checkpoints
 from deltatune.errors import DeltatuneError
 
 
@@ -78,7 +78,7 @@ def _unloadable(run: Path, file: Path, problem: str) -> str:
     """Which file, what is wrong with it, and the ways back to a run that loads."""
     fixes = ["copy the run directory again from where it was made",
              f"train it again (`deltatune train {run / 'config.yaml'} output.overwrite=true`)"]
-    newest = state.latest(state.checkpoints_dir(run))
+    newest = checkpoints.latest(checkpoints.checkpoints_dir(run))
     if newest is not None and not (run / "summary.json").exists():  # unfinished: its checkpoints can finish it
         fixes.insert(0, f"`deltatune train {run / 'config.yaml'} --resume auto` continues from its newest "
                         f"checkpoint ({newest.name}) and saves the model again")

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from deltatune.engine import disk, runlock
-from deltatune.engine.faults import kill_point
+from deltatune.engine.killpoints import kill_point
 
 # transformers draws a progress bar per save; with a save per improved eval that is noise.
 hf_logging.disable_progress_bar()

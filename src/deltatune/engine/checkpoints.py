@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from deltatune.engine import disk, runlock
-from deltatune.engine.faults import kill_point
+from deltatune.engine import artifact, disk, runlock
+from deltatune.engine.faults import all_finite
+from deltatune.engine.killpoints import kill_point
 from deltatune.errors import ConfigError
 from deltatune.methods.common import load_named
 
@@ -69,6 +70,12 @@ def has_saved(run_dir: Path) -> bool:
 def latest(ckdir: Path) -> Path | None:
     done = complete(ckdir)
     return done[-1] if done else None
+
+
+def latest_with_step(ckdir: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint and its step, or None (what the non-finite guard reports)."""
+    last = latest(ckdir)
+    return (last, step_of(last)) if last is not None else None
 
 
 def remove_debris(ckdir: Path) -> list[str]:
@@ -233,8 +240,6 @@ class Saver:
         return bool(every) and (step % every == 0 or new_best) and step < self.total_steps
 
     def save(self, step: int, **progress) -> Path:
-        from deltatune.engine.faults import all_finite
-
         params = trainable(self.model)
         if not all_finite(params.values()):  # never reached: non-finite steps are skipped. A last guard.
             raise ConfigError(f"refusing to write checkpoint step {step}: some weights are not finite")
@@ -301,8 +306,6 @@ class Saver:
 
     def restore(self, path: Path, tokenizer, log) -> dict:
         """Load everything from checkpoint `path`; returns its trainer state (the loop's progress)."""
-        from deltatune.engine import checkpoint
-
         meta = read_state(path)
         if meta["world_size"] != self.dist.world:
             raise ConfigError(f"--resume {path}: written by {meta['world_size']} process(es), resumed with "
@@ -322,9 +325,9 @@ class Saver:
             # rewrite it from the best checkpoint, or remove it, so that it matches the restored best state.
             if meta["best_step"] and best.is_dir():
                 self.load_weights(best)
-                checkpoint.save(self.model, tokenizer, self.run_dir)
+                artifact.save(self.model, tokenizer, self.run_dir)
             elif not meta["best_step"]:
-                shutil.rmtree(checkpoint.artifact_dir(self.run_dir, self.model), ignore_errors=True)
+                shutil.rmtree(artifact.artifact_dir(self.run_dir, self.model), ignore_errors=True)
         self.load_weights(path)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -4,7 +4,9 @@
   fused kernel would spread one NaN into every weight). Skipped steps are counted; after
   `train.max_bad_steps` in a row the run stops with a diagnosis instead of training on.
 - Out-of-memory errors become a DeltatuneError listing remedies with this run's numbers.
-- `kill_point` lets the crash tests SIGKILL this process at an exact place (env var, tests only).
+- SIGTERM raises `Terminated`, so that cleanup runs as after Ctrl-C.
+
+It imports nothing that saves: the guard is handed a way to find the last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ import math
 import os
 import signal
 import threading
-import time
 import types
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,10 +32,12 @@ class NumericalError(DeltatuneError):
 class NonFiniteGuard:
     """Counts skipped steps; raises NumericalError after `limit` non-finite steps in a row."""
 
-    def __init__(self, tc, precision: str, checkpoints: Path, best_model: Path | None, dist=None):
+    def __init__(self, tc, precision: str, last_checkpoint: Callable[[], tuple[Path, int] | None],
+                 best_model: Path | None, dist=None):
+        """last_checkpoint: the newest complete checkpoint and its step (or None), for the diagnosis."""
         self.limit, self.lr, self.clip, self.precision = tc.max_bad_steps, tc.lr, tc.max_grad_norm, precision
         self.dist = dist
-        self.checkpoints, self.best_model = checkpoints, best_model
+        self.last_checkpoint, self.best_model = last_checkpoint, best_model
         self.skipped, self.in_a_row, self.first_bad = 0, 0, 0
 
     def skip(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool, current_lr: float,
@@ -70,11 +72,9 @@ class NonFiniteGuard:
         return True
 
     def diagnosis(self, step: int, what: str, current_lr: float) -> str:
-        from deltatune.engine import state
-
-        last = state.latest(self.checkpoints)
+        last = self.last_checkpoint()
         # (Resuming with the same config would replay the same steps into the same fault: the fix is a new run.)
-        ckpt = (f"{last} (step {state.step_of(last)}; finite weights and optimizer state)" if last
+        ckpt = (f"{last[0]} (step {last[1]}; finite weights and optimizer state)" if last
                 else "none (train.save_every is not set)")
         best = f"{self.best_model} (finite weights)" if self.best_model and self.best_model.exists() else "none yet"
         fixes = [f"lower the learning rate (now train.lr={self.lr:g}, {current_lr:.3g} at this step), "
@@ -170,35 +170,6 @@ def out_of_memory(exc: BaseException, cfg, device: torch.device) -> DeltatuneErr
     detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return DeltatuneError(f"out of memory {where}{batch} on {device.type}: {detail}\n"
                           f"  Fix (any of these, for this run):\n    " + "\n    ".join(fixes))
-
-
-# ---------------------------------------------------------------------------------------------
-# Crash tests: SIGKILL this process at a named point (never set outside tests)
-
-KILL_ENV = "DELTATUNE_TEST_KILL"
-_reached: Counter[str] = Counter()
-
-
-HOLD_ENV = "DELTATUNE_TEST_HOLD"
-
-
-def kill_point(name: str) -> None:
-    """`DELTATUNE_TEST_KILL=name:N` kills this process with SIGKILL the N-th time `name` is reached;
-    `DELTATUNE_TEST_HOLD=name:N:FILE` waits there (up to 2 minutes) until FILE exists."""
-    spec, hold = os.environ.get(KILL_ENV), os.environ.get(HOLD_ENV)
-    if not spec and not hold:
-        return
-    _reached[name] += 1
-    for item in (spec or "").split(","):
-        point, _, n = item.partition(":")
-        if point == name and _reached[name] == int(n or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
-    if hold:
-        point, n, go = hold.split(":", 2)
-        if point == name and _reached[name] == int(n):
-            deadline = time.time() + 120
-            while not Path(go).exists() and time.time() < deadline:
-                time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from deltatune.config import RunConfig
 from deltatune.data import DataBundle, Split
 from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
-from deltatune.engine import checkpoint, embedding_grad, faults, first_token, optim, precision, state
+from deltatune.engine import artifact, checkpoints, embedding_grad, faults, first_token, optim, precision
 from deltatune.engine.distributed import Dist
+from deltatune.engine.killpoints import kill_point
 from deltatune.engine.report import RunLog, console
 from deltatune.evaluation import forgetting, generation, metrics
 from deltatune.methods import count_parameters
@@ -116,10 +117,11 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     history: list[dict] = []
     wall_start = time.perf_counter()
     # Non-finite steps are skipped and counted; resumable checkpoints every train.save_every steps.
-    best_path = checkpoint.artifact_dir(run_dir, model) if data.validation is not None else None
-    guard = faults.NonFiniteGuard(tc, prec.name, state.checkpoints_dir(run_dir), best_path, dist)
-    saver = state.Saver(run_dir, cfg, dist, model, optimizer, scheduler, scaler, guard, train_set, steps_per_epoch,
-                        total_steps)
+    best_path = artifact.artifact_dir(run_dir, model) if data.validation is not None else None
+    ckdir = checkpoints.checkpoints_dir(run_dir)
+    guard = faults.NonFiniteGuard(tc, prec.name, lambda: checkpoints.latest_with_step(ckdir), best_path, dist)
+    saver = checkpoints.Saver(run_dir, cfg, dist, model, optimizer, scheduler, scaler, guard, train_set,
+                              steps_per_epoch, total_steps)
 
     gen_eval = generation_inputs(data.validation, cfg, tokenizer) if data.validation is not None else None
     probe = forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows, forgetting.probe_length(model)) \
@@ -222,7 +224,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                     if math.isfinite(value) and metrics.improved(cfg.metric, value, best):
                         best, best_step, best_metrics, bad_evals = value, step, result, 0
                         if dist.is_main:
-                            checkpoint.save(model, tokenizer, run_dir)
+                            artifact.save(model, tokenizer, run_dir)
                     else:
                         bad_evals += 1
                     log.print(f"step {step}: " + eval_line(result) + ("  [green]best" if best_step == step else ""))
@@ -235,12 +237,12 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                                stopped_early=stopped_early, history=history, tokens_done=tokens_done,
                                compute_s=compute_s, window_loss=window_loss, window_items=window_items,
                                window_norm=window_norm, probe_before=probe_before)
-                faults.kill_point("step")  # tests: a process killed between steps
+                kill_point("step")  # tests: a process killed between steps
                 if step >= total_steps or stopped_early:
                     break
 
     if data.validation is None and dist.is_main:
-        checkpoint.save(model, tokenizer, run_dir)
+        artifact.save(model, tokenizer, run_dir)
     forgot = None
     if probe is not None and probe_before is not None:
         probe_after = evaluate(model, probe, 0, prec, dist.device, pad_id, cfg.eval.batch_size, lm=True)
@@ -265,7 +267,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         "attention": getattr(model.config, "_attn_implementation", None),
         "gradient_checkpointing": tc.gradient_checkpointing,
         "skipped_steps": guard.skipped, "resumed_from": str(resume) if resume else None,
-        "last_checkpoint": str(state.latest(saver.dir) or "") or None, "forgetting": forgot,
+        "last_checkpoint": str(checkpoints.latest(saver.dir) or "") or None, "forgetting": forgot,
     }
 
 

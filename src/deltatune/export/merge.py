@@ -14,7 +14,7 @@ import torch
 
 from deltatune import api, methods, models
 from deltatune.data.batching import collate
-from deltatune.engine import checkpoint, runlock
+from deltatune.engine import artifact, runlock
 from deltatune.errors import DeltatuneError
 from deltatune.methods.lora import is_quantized
 
@@ -110,7 +110,7 @@ def _merge_locked(run_dir: Path, out: Path, tolerance: float, overwrite: bool) -
                              f"(> tolerance {tolerance:g}); nothing was written to {out}.")
     preflight.merge_target(run_dir, out, overwrite)  # again, under the lock: nothing arrived in OUT meanwhile
     # Atomically (temp dir, fsync, rename): a killed merge never leaves a half-written model behind.
-    checkpoint.recover_target(out)
-    checkpoint.save_model(merged, run.tokenizer, out, extra={"merge_report.json": json.dumps(report, indent=1)},
+    artifact.recover_target(out)
+    artifact.save_model(merged, run.tokenizer, out, extra={"merge_report.json": json.dumps(report, indent=1)},
                           what="the merged model")
     return report
