@@ -117,3 +117,34 @@ def test_builtin_datasets_from_packages(name):
     text, label = ("input", "output") if "instruction" in df.columns else ("text", "label")  # sft rows
     assert sorted(df[label].unique()) == list(ds.labels)
     assert df[text].str.strip().str.len().min() > 0
+
+
+def test_one_loss_ignore_label():
+    """-100 (the label the loss skips) is written once, in deltatune/constants.py, which imports nothing from
+    the project; everything else names it IGNORE_INDEX. It must be what torch's cross-entropy ignores."""
+    import ast
+    from pathlib import Path
+
+    import torch
+
+    import deltatune
+    from deltatune.constants import IGNORE_INDEX
+
+    assert IGNORE_INDEX == torch.nn.CrossEntropyLoss().ignore_index
+    src = Path(deltatune.__file__).parent
+    found = set()  # file:line
+    for path in sorted(src.rglob("*.py")):
+        for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            literal = (isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and isinstance(n.operand, ast.Constant)
+                       and n.operand.value == 100)
+            named = isinstance(n, ast.Assign) and any(getattr(t, "id", "") in ("IGNORE", "IGNORE_INDEX")
+                                                      for t in n.targets)
+            if literal or named:
+                found.add(f"{path.relative_to(src)}:{n.lineno}")
+    assert found == {f"constants.py:{_line_of(src / 'constants.py', 'IGNORE_INDEX =')}"}
+    tree = ast.parse((src / "constants.py").read_text(encoding="utf-8"))
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def _line_of(path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.startswith(text))

@@ -26,6 +26,7 @@ from deltatune import artifacts, inference, methods, models
 from deltatune import config as config_mod
 from deltatune import data as data_mod
 from deltatune.config import RunConfig
+from deltatune.constants import IGNORE_INDEX
 from deltatune.data import sources, validate
 from deltatune.data.batching import collate, eval_batches
 from deltatune.data.build import tokenize_split
@@ -468,8 +469,8 @@ def inspect_data(cfg: RunConfig, rows: int = 3, split: str = "train") -> list[li
         if "labels" in ds.column_names and cfg.task != "classification":
             labels = ds[r]["labels"]
         elif cfg.task == "classification":
-            labels = [sft.IGNORE] * len(ids)  # the loss is on the label, not on tokens
+            labels = [IGNORE_INDEX] * len(ids)  # the loss is on the label, not on tokens
         else:
-            labels = [sft.IGNORE] + ids[1:]  # plain causal LM: every token after the first is a target
+            labels = [IGNORE_INDEX] + ids[1:]  # plain causal LM: every token after the first is a target
         out.append(sft.show(tokenizer, ids, labels))
     return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from deltatune.constants import IGNORE_INDEX
+
 MEGABATCH = 50  # global batches per sorting window: enough to group lengths, still well shuffled
 
 
@@ -60,7 +62,7 @@ def collate(rows: dict[str, list], pad_id: int, pad_side: str = "right", lm: boo
             ) -> dict[str, torch.Tensor]:
     """Pad a batch of token-id lists to its own longest row.
 
-    Language modelling: per-token `labels` lists are padded with -100 (ignored by the loss); without
+    Language modelling: per-token `labels` lists are padded with IGNORE_INDEX (-100, ignored by the loss); without
     them every real token is a target. Packed rows also bring `position_ids`; their padding becomes
     one more segment (positions from 0), so it never joins a real example's attention block.
     """
@@ -69,7 +71,7 @@ def collate(rows: dict[str, list], pad_id: int, pad_side: str = "right", lm: boo
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     token_labels = lm and "labels" in rows
-    labels = torch.full((len(ids), width), -100, dtype=torch.long) if token_labels else None
+    labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long) if token_labels else None
     positions = torch.zeros((len(ids), width), dtype=torch.long) if "position_ids" in rows else None
     for i, x in enumerate(ids):
         sl = slice(0, len(x)) if pad_side == "right" else slice(width - len(x), width)
@@ -84,7 +86,7 @@ def collate(rows: dict[str, list], pad_id: int, pad_side: str = "right", lm: boo
     if labels is not None:
         out["labels"] = labels
     elif lm:
-        out["labels"] = input_ids.masked_fill(mask == 0, -100)
+        out["labels"] = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
     elif "labels" in rows:
         out["labels"] = torch.tensor(rows["labels"], dtype=torch.long)
     if positions is not None:
@@ -117,5 +119,5 @@ def model_inputs(batch: dict[str, torch.Tensor], lm: bool, keep_logits: bool = F
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
     """Boolean (batch, length): True where the *next* token is a target."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != -100
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return keep

@@ -11,6 +11,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from deltatune.config import DataSection
+from deltatune.constants import IGNORE_INDEX
 from deltatune.data import packing, sft, sources, validate
 from deltatune.data.validate import label_of  # by name: `map` hashes what `encode` uses, and the module holds a Console
 from deltatune.errors import DataError
@@ -188,7 +189,7 @@ def tokenize_sft(name: str, ds: datasets.Dataset, section: DataSection, tokenize
     truncated = sum(tokenized["truncated"])
     unk_percent = _unknown_share(name, where, tokenizer, unk, tokenized)
     # A row cut so short that none of its response is left carries no loss: dropped, and counted.
-    has_target = [any(t != sft.IGNORE for t in lab[1:]) for lab in tokenized["labels"]]
+    has_target = [any(t != IGNORE_INDEX for t in lab[1:]) for lab in tokenized["labels"]]
     kept = tokenized.select([i for i, ok in enumerate(has_target) if ok])
     kept = kept.remove_columns(["truncated", "unk", "text_tokens"])
     return Split(name=name, dataset=kept, rows=len(ds), truncated=truncated, where=where, unk_percent=unk_percent)

@@ -19,7 +19,7 @@ import bisect
 import datasets
 import numpy as np
 
-IGNORE = -100
+from deltatune.constants import IGNORE_INDEX
 
 
 def plan(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
@@ -55,7 +55,7 @@ def pack_rows(input_ids: list[list[int]], labels: list[list[int]] | None, groups
         for i in group:
             x = input_ids[i]
             y = list(labels[i]) if labels is not None else list(x)
-            y[0] = IGNORE  # predicted from the previous example's last token: never a target
+            y[0] = IGNORE_INDEX  # predicted from the previous example's last token: never a target
             ids += x
             labs += y
             pos += range(len(x))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from deltatune.constants import IGNORE_INDEX
 from deltatune.errors import DataError
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -28,13 +29,12 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a respons
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                        "context. Write a response that appropriately completes the request.\n\n"
                        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-IGNORE = -100
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
-    labels: list[int]  # IGNORE where no loss; aligned with input_ids (the loss shifts them)
+    labels: list[int]  # IGNORE_INDEX where no loss; aligned with input_ids (the loss shifts them)
     prompt_ids: list[int]  # everything before the last response: what generation starts from
     reference: str  # the last response's text
     truncated: bool
@@ -119,7 +119,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: s
     enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     eos = tokenizer.eos_token_id
-    labels = [IGNORE] * len(ids)
+    labels = [IGNORE_INDEX] * len(ids)
     for start, end in spans:
         inside = [i for i, (a, b) in enumerate(offsets) if b > a and start <= a < end]
         eos_at = [i for i in inside if ids[i] == eos]
@@ -127,7 +127,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: s
             inside = [i for i in inside if i <= eos_at[0]]
         for i in inside:
             labels[i] = ids[i]
-    if eos is not None and eos not in [t for t, lab in zip(ids, labels) if lab != IGNORE]:
+    if eos is not None and eos not in [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]:
         # Every response ends in EOS, so the model learns to stop: label the tokenizer's own trailing
         # EOS (e.g. added by a post-processor), or append one.
         if ids and ids[-1] == eos:
@@ -150,7 +150,7 @@ def open_prompt(tokenizer: PreTrainedTokenizerBase, text: str, special: bool = T
 
 def show(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
     """(token text, carries loss) pairs, for `deltatune inspect-data`."""
-    return [(tokenizer.decode([t]), lab != IGNORE) for t, lab in zip(ids, labels)]
+    return [(tokenizer.decode([t]), lab != IGNORE_INDEX) for t, lab in zip(ids, labels)]
 
 
 def row_problems(rows: list[dict], fmt: str) -> list[tuple[int, str]]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.config import RunConfig
+from deltatune.constants import IGNORE_INDEX
 from deltatune.data import DataBundle, Split
 from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
 from deltatune.engine import artifact, checkpoints, embedding_grad, faults, first_token, optim, precision
@@ -312,7 +313,7 @@ def accepts_logits_mask(model: torch.nn.Module) -> bool:
 
 def count_targets(labels: torch.Tensor, lm: bool) -> int:
     """What the loss is averaged over: examples, or next-token targets (all but each row's first)."""
-    return int((labels[:, 1:] != -100).sum()) if lm else len(labels)
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if lm else len(labels)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, lm: bool, kept: bool = False) -> torch.Tensor:
@@ -322,11 +323,11 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, lm: bool, kept: bool =
     if not lm:
         return F.cross_entropy(logits.float(), labels, reduction="sum")
     if kept:
-        return F.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != -100], reduction="sum")
+        return F.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != IGNORE_INDEX], reduction="sum")
     # Soft prompts prepend virtual positions to the logits; the targets align with the last ones.
     logits = logits[:, -labels.shape[1]:-1]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fold: bool,
