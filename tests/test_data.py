@@ -148,3 +148,26 @@ def test_one_loss_ignore_label():
 
 def _line_of(path, text: str) -> int:
     return next(i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.startswith(text))
+
+
+def test_the_task_decides_language_model_or_classifier_in_one_place(make_config):
+    """config.is_lm (and RunConfig.lm) is the one answer to "token targets or one label per text"; the data,
+    evaluation and preflight code, and api's evaluate/inspect_data, ask it instead of comparing task names."""
+    import ast
+    import typing
+    from pathlib import Path
+
+    import deltatune
+    from deltatune import config
+
+    tasks = typing.get_args(config.RunConfig.model_fields["task"].annotation)
+    assert {t: config.is_lm(t) for t in tasks} == {"classification": False, "causal_lm": True, "sft": True}
+    assert make_config(task="sft").lm and not make_config().lm
+    src = Path(deltatune.__file__).parent
+    trees = [ast.parse(p.read_text(encoding="utf-8")) for d in ("data", "evaluation") for p in (src / d).glob("*.py")]
+    trees.append(ast.parse((src / "preflight.py").read_text(encoding="utf-8")))
+    api = ast.parse((src / "api.py").read_text(encoding="utf-8"))
+    trees += [f for f in api.body if isinstance(f, ast.FunctionDef) and f.name in ("evaluate", "inspect_data")]
+    compared = [ast.unparse(n) for t in trees for n in ast.walk(t) if isinstance(n, ast.Compare)
+                and any(isinstance(c, ast.Constant) and c.value == "classification" for c in n.comparators)]
+    assert compared == []

@@ -335,9 +335,9 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
         split = bundle.train
         skipped = bundle.stats["train"]["rows_skipped"]
     elif data_file is not None:
-        lm = run.config.task != "classification"
+        lm = run.config.lm
         raw, report = validate.read(data_file, section, "eval", lm)  # data.on_error as the run had it
-        label = section.label if run.config.task == "classification" else None
+        label = None if lm else section.label
         sources.require_columns(raw, {"data.text": section.text, "data.text_pair": section.text_pair,
                                       "data.label": label}, data_file)
         raw = validate.check(raw, section, report, lm)
@@ -346,7 +346,7 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
         validate.report([report], {}, section.max_length)
         skipped = len(report.skipped)
         split = tokenize_split("eval", raw, section, run.tokenizer, run.labels, data_file,
-                               with_labels=run.config.task == "classification")
+                               with_labels=not lm)
     else:
         bundle = data_mod.build(section, run.tokenizer, labels=run.labels, task=run.config.task)
         if bundle.validation is None:
@@ -354,7 +354,7 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
         split = bundle.validation
     prec = precision.resolve(run.config.train.precision, next(run.model.parameters()).device)
     device = next(run.model.parameters()).device
-    lm = run.config.task != "classification"
+    lm = run.config.lm
     gen = loop.generation_inputs(split, run.config, run.tokenizer) if run.config.task == "sft" else None
     result = loop.evaluate(run.model, split, len(run.labels), prec, device, run.tokenizer.pad_token_id,
                            run.config.eval.batch_size, lm, gen, lm and loop.accepts_logits_mask(run.model))
@@ -466,9 +466,9 @@ def inspect_data(cfg: RunConfig, rows: int = 3, split: str = "train") -> list[li
     out = []
     for r in range(len(ds)):
         ids = ds[r]["input_ids"]
-        if "labels" in ds.column_names and cfg.task != "classification":
+        if "labels" in ds.column_names and cfg.lm:
             labels = ds[r]["labels"]
-        elif cfg.task == "classification":
+        elif not cfg.lm:
             labels = [IGNORE_INDEX] * len(ids)  # the loss is on the label, not on tokens
         else:
             labels = [IGNORE_INDEX] + ids[1:]  # plain causal LM: every token after the first is a target

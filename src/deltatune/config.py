@@ -111,6 +111,12 @@ class OutputSection(Section):
     overwrite: bool = Field(False, description="replace an existing run directory")
 
 
+def is_lm(task: str) -> bool:
+    """Whether `task` trains a language model (causal_lm, sft: per-token targets, loss and perplexity) rather
+    than a classifier (one label per text, a new head). The one place the code decides this."""
+    return task != "classification"
+
+
 class RunConfig(Section):
     task: Literal["classification", "causal_lm", "sft"] = "classification"
     model: ModelSection = ModelSection()
@@ -125,7 +131,12 @@ class RunConfig(Section):
         """eval.metric with `auto` resolved for the task."""
         if self.eval.metric != "auto":
             return self.eval.metric
-        return "accuracy" if self.task == "classification" else "loss"
+        return "loss" if self.lm else "accuracy"
+
+    @property
+    def lm(self) -> bool:
+        """The task trains a language model, not a classifier (see `is_lm`)."""
+        return is_lm(self.task)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -24,7 +24,7 @@ def run(cfg) -> None:
 def _packing(cfg) -> None:
     if not cfg.data.packing:
         return
-    if cfg.task == "classification":
+    if not cfg.lm:
         raise ConfigError("data.packing=true does not apply to task classification: each text gets its own label "
                           "from its own sequence. Fix: remove data.packing (dynamic padding and length grouping "
                           "already keep padding low), or use task causal_lm / sft.")

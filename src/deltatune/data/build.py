@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from deltatune.config import DataSection
+from deltatune.config import DataSection, is_lm
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data import packing, sft, sources, validate
 from deltatune.data.validate import label_of  # by name: `map` hashes what `encode` uses, and the module holds a Console
@@ -48,7 +48,7 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     token a target (the model learns to stop). A classification run needs 2 classes and at least
     `min_rows` training rows (pass train.batch_size: fewer rows than one batch is refused).
     """
-    lm = task != "classification"
+    lm = is_lm(task)
     reports: list[validate.SplitReport] = []  # rows read / used / skipped, per split
     train_raw, train_where = _read(section, section.train, task, "train", reports)
     val_raw, val_where = None, None
@@ -156,7 +156,7 @@ def _held_out_classes(section: DataSection, where: str, unit: str, val: datasets
 
 def _read(section: DataSection, spec: str, task: str = "classification", name: str = "train",
           reports: list | None = None) -> tuple[datasets.Dataset, str]:
-    lm = task != "classification"
+    lm = is_lm(task)
     ds, report = validate.read(spec, section, name, lm)  # bad lines raised or skipped, each row keeps its line
     where = report.where
     if task != "sft":  # sft columns are checked by format (instruction/output or messages), in tokenize_sft
