@@ -171,3 +171,27 @@ def test_the_task_decides_language_model_or_classifier_in_one_place(make_config)
     compared = [ast.unparse(n) for t in trees for n in ast.walk(t) if isinstance(n, ast.Compare)
                 and any(isinstance(c, ast.Constant) and c.value == "classification" for c in n.comparators)]
     assert compared == []
+
+
+def test_rows_pass_validation_once(tmp_path, tok, monkeypatch):
+    """Each split's rows are checked once for their values and once against the label set, in training
+    (build) and when a saved run is scored on a file (build_eval, what `deltatune eval --data` uses)."""
+    from deltatune.data import build_eval, validate
+
+    calls = []
+    real = validate.check
+
+    def counting(ds, section, report, lm=False, labels=None, **kw):
+        calls.append((report.name, "labels" if labels is not None else "values"))
+        return real(ds, section, report, lm, labels, **kw)
+
+    monkeypatch.setattr(validate, "check", counting)
+    train, val = write_jsonl(tmp_path / "t.jsonl", toy_rows(40)), write_jsonl(tmp_path / "v.jsonl", toy_rows(20, 1))
+    bundle = build(section(train=train, validation=val), tok)
+    assert sorted(calls) == [("train", "labels"), ("train", "values"), ("validation", "labels"),
+                             ("validation", "values")]
+    calls.clear()
+    split, skipped = build_eval(section(train=train, validation=val), tok, bundle.labels, "classification", str(val))
+    assert sorted(calls) == [("eval", "labels"), ("eval", "values")]
+    assert split.dataset["input_ids"] == bundle.validation.dataset["input_ids"] and skipped == 0
+    assert split.dataset["labels"] == bundle.validation.dataset["labels"] and split.where == str(val)

@@ -27,9 +27,7 @@ from deltatune import config as config_mod
 from deltatune import data as data_mod
 from deltatune.config import RunConfig
 from deltatune.constants import IGNORE_INDEX
-from deltatune.data import sources, validate
 from deltatune.data.batching import collate, eval_batches
-from deltatune.data.build import tokenize_split
 from deltatune.engine import checkpoints, distributed, faults, loop, precision, runlock
 from deltatune.engine.artifact import artifact_dir
 from deltatune.engine.artifact import recover as recover_model_save
@@ -328,25 +326,8 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     run = load_run(run_dir)
     section = run.config.data.model_copy()
     skipped = 0
-    if data_file is not None and run.config.task == "sft":
-        # Instruction rows go through the same reading, checks and rendering as in training.
-        one = section.model_copy(update={"train": data_file, "validation": None, "sample": None, "packing": False})
-        bundle = data_mod.build(one, run.tokenizer, task="sft")
-        split = bundle.train
-        skipped = bundle.stats["train"]["rows_skipped"]
-    elif data_file is not None:
-        lm = run.config.lm
-        raw, report = validate.read(data_file, section, "eval", lm)  # data.on_error as the run had it
-        label = None if lm else section.label
-        sources.require_columns(raw, {"data.text": section.text, "data.text_pair": section.text_pair,
-                                      "data.label": label}, data_file)
-        raw = validate.check(raw, section, report, lm)
-        if not lm:
-            raw = validate.check(raw, section, report, labels=run.labels)
-        validate.report([report], {}, section.max_length)
-        skipped = len(report.skipped)
-        split = tokenize_split("eval", raw, section, run.tokenizer, run.labels, data_file,
-                               with_labels=not lm)
+    if data_file is not None:  # read, checked and tokenized as in training (data.on_error as the run had it)
+        split, skipped = data_mod.build_eval(section, run.tokenizer, run.labels, run.config.task, data_file)
     else:
         bundle = data_mod.build(section, run.tokenizer, labels=run.labels, task=run.config.task)
         if bundle.validation is None:

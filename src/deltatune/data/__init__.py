@@ -1,5 +1,5 @@
 """Data: sources (files, built-ins), validation, tokenization, length-grouped batching."""
 
-from deltatune.data.build import DataBundle, Split, build
+from deltatune.data.build import DataBundle, Split, build, build_eval
 
-__all__ = ["DataBundle", "Split", "build"]
+__all__ = ["DataBundle", "Split", "build", "build_eval"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -111,6 +110,23 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
     return DataBundle(labels=labels, train=train, validation=val, stats=stats)
 
 
+def build_eval(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list[str], task: str,
+               file: str) -> tuple[Split, int]:
+    """One file to score a saved run on, read, checked (data.on_error as the run had it) and tokenized as in
+    training, each row validated once. Returns the split and the number of rows skipped."""
+    if task == "sft":  # instruction rows: the same reading, checks and rendering as a training file
+        one = section.model_copy(update={"train": file, "validation": None, "sample": None, "packing": False})
+        bundle = build(one, tokenizer, task="sft")
+        return bundle.train, bundle.stats["train"]["rows_skipped"]
+    reports: list[validate.SplitReport] = []
+    raw, _ = _read(section, file, task, "eval", reports, where=file)
+    if not is_lm(task):
+        raw = validate.check(raw, section, reports[0], labels=labels)
+    validate.report(reports, {}, section.max_length)
+    split = tokenize_split("eval", raw, section, tokenizer, labels, file, with_labels=not is_lm(task))
+    return split, len(reports[0].skipped)
+
+
 def _refuse_small(section: DataSection, where: str, rows: int, classes: list[str], split: tuple[int, int] | None,
                   report: validate.SplitReport, min_rows: int) -> None:
     """A classifier trained on one class, or on fewer rows than one batch, reports perfect-looking
@@ -155,10 +171,11 @@ def _held_out_classes(section: DataSection, where: str, unit: str, val: datasets
 
 
 def _read(section: DataSection, spec: str, task: str = "classification", name: str = "train",
-          reports: list | None = None) -> tuple[datasets.Dataset, str]:
+          reports: list | None = None, where: str | None = None) -> tuple[datasets.Dataset, str]:
+    """`where`: how errors name the file (default: its resolved path; `eval --data` keeps the user's spelling)."""
     lm = is_lm(task)
     ds, report = validate.read(spec, section, name, lm)  # bad lines raised or skipped, each row keeps its line
-    where = report.where
+    where = where or report.where
     if task != "sft":  # sft columns are checked by format (instruction/output or messages), in tokenize_sft
         sources.require_columns(ds, {"data.text": section.text, "data.text_pair": section.text_pair,
                                      "data.label": None if lm else section.label}, where)
@@ -205,8 +222,7 @@ def _label_set(ds: datasets.Dataset, column: str) -> list[str]:
 
 def tokenize_split(name: str, ds: datasets.Dataset, section: DataSection, tokenizer: PreTrainedTokenizerBase,
                    labels: list[str], where: str, with_labels: bool = True) -> Split:
-    first_line = sources.first_data_line(Path(where.split(" (")[0]), has_header=section.columns is None)
-    _check_rows(ds, section, labels if with_labels else None, where, first_line)
+    """Validated rows (from `build` or `build_eval`, which checked them with data.on_error) -> token ids."""
     label_id = {name: i for i, name in enumerate(labels)}
     cols = [c for c in (section.text, section.text_pair) if c]
 
@@ -261,14 +277,3 @@ def _unknown_share(name: str, where: str, tokenizer: PreTrainedTokenizerBase, un
             f"the language of your data (e.g. a multilingual model such as bert-base-multilingual-cased or "
             f"xlm-roberta-base).", highlight=False, soft_wrap=True)
     return percent
-
-
-def _check_rows(ds: datasets.Dataset, section: DataSection, labels: list[str] | None, where: str,
-                first_line: int) -> None:
-    """Empty texts and unknown labels are errors naming the file line; nothing is dropped silently.
-    (Rows from `build` were checked already, with data.on_error; this guards direct callers.)"""
-    strict = section.model_copy(update={"on_error": "raise"})
-    report = validate.SplitReport("rows", where)
-    validate.check(ds, strict, report, lm=labels is None, first_line=first_line)
-    if labels is not None:
-        validate.check(ds, strict, report, labels=labels, first_line=first_line)

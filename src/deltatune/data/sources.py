@@ -69,11 +69,6 @@ def _header(path: Path, tsv: bool) -> list[str]:
         return next(reader, [])
 
 
-def first_data_line(path: Path, has_header: bool) -> int:
-    """1-based file line of row 0, used to point errors at the right line."""
-    return 2 if has_header and FORMATS.get(path.suffix.lower()) == "csv" else 1
-
-
 def require_columns(ds: datasets.Dataset, names: dict[str, str | None], where: str) -> None:
     """Each config key (e.g. data.text) must name an existing column."""
     have = [c for c in ds.column_names if not c.startswith("__")]  # not our own bookkeeping (`__line__`)
