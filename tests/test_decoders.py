@@ -246,12 +246,13 @@ def test_cli_generate_and_inspect_data(sft_run, tiny_chat_llama, tmp_path):
 
 
 def test_packing_refused_for_classification_and_soft_prompts(make_config):
+    from deltatune import preflight
     from deltatune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data.packing=true does not apply to task classification"):
-        api.preflight(make_config(**{"data.packing": True}))
+        preflight.run(make_config(**{"data.packing": True}))
     with pytest.raises(ConfigError, match="prompt_tuning"):
-        api.preflight(make_config(**{"data.packing": True, "task": "sft", "method.name": "prompt_tuning"}))
+        preflight.run(make_config(**{"data.packing": True, "task": "sft", "method.name": "prompt_tuning"}))
 
 
 def test_causal_lm_on_a_text_file_with_packing(tiny_llama, tmp_path):

@@ -120,3 +120,31 @@ def test_merge_into_the_run_directory_is_refused(tmp_path, nothing_loads):
     run = fake_run(tmp_path, "lora")
     with pytest.raises(DeltatuneError, match="inside the run directory"):
         merge(run, run / "merged")
+
+
+def test_one_home_for_preflight(make_config, nothing_loads, tmp_path, monkeypatch):
+    """preflight.run holds every check that needs no weights, including those api.train made itself before:
+    precision for the device, metric and method for the task, and a finished run in output.dir."""
+    import dataclasses
+
+    import torch
+
+    from deltatune import preflight
+    from deltatune.methods import REGISTRY
+
+    assert getattr(api, "preflight", preflight) is preflight  # the module: api keeps no checks of its own
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+            preflight.run(make_config(**{"train.precision": "fp16"}))
+    with pytest.raises(ConfigError, match="eval.metric=perplexity does not exist for task `classification`"):
+        preflight.run(make_config(**{"eval.metric": "perplexity"}))
+    causal_only = dataclasses.replace(REGISTRY["prefix_tuning"], tasks=("causal_lm",), why_not_task="(test)")
+    monkeypatch.setitem(REGISTRY, "prefix_tuning", causal_only)
+    with pytest.raises(ConfigError, match="method.name=prefix_tuning does not support task `classification`"):
+        preflight.run(make_config(**{"method.name": "prefix_tuning"}))
+    cfg = make_config(**{"output.dir": str(tmp_path / "done"), "output.overwrite": False})
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        preflight.run(cfg)
+    preflight.run(cfg, resuming=True)  # a resume continues it

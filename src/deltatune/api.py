@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from deltatune import artifacts, inference, methods, models
+from deltatune import artifacts, inference, methods, models, preflight
 from deltatune import config as config_mod
 from deltatune import data as data_mod
 from deltatune.config import RunConfig
@@ -34,27 +34,6 @@ from deltatune.engine.artifact import recover as recover_model_save
 from deltatune.engine.report import console, summary_table
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods import lora as lora_mod
-
-
-def preflight(cfg: RunConfig, resuming: bool = False) -> None:
-    """Refuse combinations that cannot work before any weight is loaded."""
-    precision.resolve(cfg.train.precision, _default_device())
-    from deltatune.evaluation.metrics import TASK_METRICS
-
-    if cfg.metric not in TASK_METRICS[cfg.task]:
-        raise ConfigError(f"eval.metric={cfg.metric} does not exist for task `{cfg.task}`. "
-                          f"Fix: use one of {', '.join(TASK_METRICS[cfg.task])}.")
-    method = methods.REGISTRY[cfg.method.name]
-    if cfg.task not in method.tasks:
-        raise ConfigError(f"method.name={cfg.method.name} does not support task `{cfg.task}`: {method.why_not_task} "
-                          f"Fix: use one of the methods listed by `deltatune methods` for {cfg.task}.")
-    from deltatune import preflight as checks
-
-    checks.run(cfg)  # more combinations that cannot work (QLoRA, early stopping, a model's own code)
-    out = Path(cfg.output.dir)
-    if (out / "summary.json").exists() and not cfg.output.overwrite and not resuming:
-        raise ConfigError(f"output.dir: {out} already holds a finished run. Fix: choose another output.dir "
-                          f"or set output.overwrite=true.")
 
 
 def _default_device() -> torch.device:
@@ -139,7 +118,7 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
     if resume == "auto" and resume_from is None:
         console.print(f"--resume auto: no complete checkpoint in {checkpoints.checkpoints_dir(run_dir)}; starting "
                       f"from the beginning.", highlight=False, soft_wrap=True)
-    preflight(cfg, resuming=resume_from is not None)
+    preflight.run(cfg, resuming=resume_from is not None)
     dist = distributed.setup()
     try:
         if dist.is_main:

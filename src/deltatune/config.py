@@ -184,7 +184,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 def _metric_follows_task(cfg: RunConfig, where: str) -> None:
     """A recipe's eval.metric that the task set on the command line does not have (quickstart's `accuracy`
     with task=causal_lm) follows the task, as `auto` would. Only then: a metric set on the command line, or
-    a file that names a task and a metric that contradict each other, stay errors (api.preflight)."""
+    a file that names a task and a metric that contradict each other, stay errors (preflight.run)."""
     if cfg.eval.metric == "auto":
         return
     from deltatune.evaluation.metrics import TASK_METRICS

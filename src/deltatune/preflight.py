@@ -1,8 +1,7 @@
 """Combinations that cannot work, refused before any weight is loaded, each with the reason and the fix.
 
-`api.preflight` runs these after its own checks (precision for the device, metric and method for the
-task, an existing finished run). Every check reads only the config (and, where needed, whether an
-optional package is installed); none loads a model.
+`run` is what `api.train` asks first. Every check reads only the config (and, where needed, the device,
+whether an optional package is installed, or what output.dir holds); none loads a model.
 """
 
 from __future__ import annotations
@@ -11,14 +10,41 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
+from deltatune import methods
+from deltatune.engine import precision
 from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.evaluation.metrics import TASK_METRICS
 
 
-def run(cfg) -> None:
+def run(cfg, resuming: bool = False) -> None:
+    """All the checks, in order; `resuming`: continuing a checkpoint of output.dir, which may be finished."""
+    # The precision is resolved for the device a run here gets by default (as api does): fp16 needs CUDA.
+    precision.resolve(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    _metric_and_method(cfg)
     _qlora(cfg)
     _evaluation(cfg)
     _packing(cfg)
     _remote_code(cfg)
+    _finished_run(cfg, resuming)
+
+
+def _metric_and_method(cfg) -> None:
+    if cfg.metric not in TASK_METRICS[cfg.task]:
+        raise ConfigError(f"eval.metric={cfg.metric} does not exist for task `{cfg.task}`. "
+                          f"Fix: use one of {', '.join(TASK_METRICS[cfg.task])}.")
+    method = methods.REGISTRY[cfg.method.name]
+    if cfg.task not in method.tasks:
+        raise ConfigError(f"method.name={cfg.method.name} does not support task `{cfg.task}`: {method.why_not_task} "
+                          f"Fix: use one of the methods listed by `deltatune methods` for {cfg.task}.")
+
+
+def _finished_run(cfg, resuming: bool) -> None:
+    out = Path(cfg.output.dir)
+    if (out / "summary.json").exists() and not cfg.output.overwrite and not resuming:
+        raise ConfigError(f"output.dir: {out} already holds a finished run. Fix: choose another output.dir "
+                          f"or set output.overwrite=true.")
 
 
 def _packing(cfg) -> None:
@@ -86,7 +112,6 @@ def merge(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> 
     """Before `deltatune merge` loads anything: the run must hold a mergeable adapter, and the output must be
     a place where writing destroys nothing but a previous merge."""
     from deltatune import config as config_mod
-    from deltatune import methods
 
     path = Path(run_dir)
     if not (path / "config.yaml").is_file():
