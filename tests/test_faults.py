@@ -152,3 +152,30 @@ def test_out_of_memory_while_evaluating_and_other_errors(make_config, monkeypatc
     with pytest.raises(RuntimeError, match="shape mismatch"):
         api.train(cfg_for(make_config, tmp_path))
 
+
+
+def test_out_of_memory_context_is_passed_by_the_loop(make_config, monkeypatch, tmp_path):
+    """The loop hands the failing step and micro-batch to the message (nothing is read from stack frames):
+    an out-of-memory error in the third step says step 3 and that micro-batch's shape."""
+    from deltatune.engine import faults
+
+    real, calls = loop.task_loss, {"n": 0}
+
+    def task_loss(logits, labels, lm, *rest):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(logits, labels, lm, *rest)
+
+    monkeypatch.setattr(loop, "task_loss", task_loss)
+    with pytest.raises(DeltatuneError, match=r"^out of memory at step 3 \(micro-batch of 8 rows x \d+ tokens\)"):
+        api.train(cfg_for(make_config, tmp_path, **{"train.batch_size": 8, "data.validation": None}))
+    cfg = cfg_for(make_config, tmp_path)
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    msg = str(faults.out_of_memory(oom, cfg, torch.device("cpu"), faults.Where("train", 7, (4, 96))))
+    assert msg.startswith("out of memory at step 7 (micro-batch of 4 rows x 96 tokens) on cpu")
+    assert f"data.max_length={cfg.data.max_length // 2}" in msg or cfg.data.max_length <= 64
+    assert str(faults.out_of_memory(oom, cfg, torch.device("cpu"), faults.Where("eval", 0))).startswith(
+        "out of memory while evaluating before training on cpu")
+    assert str(faults.out_of_memory(oom, cfg, torch.device("cpu"))).startswith("out of memory during training")

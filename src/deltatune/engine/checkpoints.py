@@ -6,8 +6,10 @@ Layout, every `train.save_every` optimizer steps (and at every step whose evalua
         weights.safetensors   the parameters that train (the whole model for full fine-tuning, the
                               adapter and head for PEFT methods), by their names in the live model
         optimizer.pt  scheduler.pt  scaler.pt (fp16 only)  rng-rank0.pt ... (one per process)
-        trainer_state.json    step, epoch and position in it, best metric/step/metrics, evaluations,
-                              skipped steps, config and data fingerprints
+        trainer_state.json    the loop's TrainState whole (engine/train_state.py: step, epoch and position
+                              in it, best metric/step/metrics, evaluations, early-stop count, logging
+                              window, tokens, compute time, probe baseline, skipped steps), plus the
+                              config and data fingerprints an exact resume checks
 
 A checkpoint is written into `.tmp-step-000050/`, every file fsync'ed, then renamed: a directory
 named `step-N` is complete, anything else is the debris of a killed process and is removed. Only
@@ -30,9 +32,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from deltatune.engine import artifact, disk, runlock
+from deltatune.engine import artifact, disk, runlock, train_state
 from deltatune.engine.faults import all_finite
 from deltatune.engine.killpoints import kill_point
+from deltatune.engine.train_state import TrainState
 from deltatune.errors import ConfigError
 from deltatune.methods.common import load_named
 
@@ -221,11 +224,11 @@ def set_rng_state(s: dict) -> None:
 class Saver:
     """Writes, rotates and restores the resumable checkpoints of one run."""
 
-    def __init__(self, run_dir: Path, cfg, dist, model, optimizer, scheduler, scaler, guard, train_set,
+    def __init__(self, run_dir: Path, cfg, dist, model, optimizer, scheduler, scaler, train_set,
                  steps_per_epoch: int, total_steps: int):
         self.dir = checkpoints_dir(run_dir)
         self.run_dir, self.cfg, self.dist, self.model = Path(run_dir), cfg, dist, model
-        self.optimizer, self.scheduler, self.scaler, self.guard = optimizer, scheduler, scaler, guard
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.train_set, self.steps_per_epoch, self.total_steps = train_set, steps_per_epoch, total_steps
         self._data: str | None = None
 
@@ -239,7 +242,9 @@ class Saver:
         every = self.cfg.train.save_every
         return bool(every) and (step % every == 0 or new_best) and step < self.total_steps
 
-    def save(self, step: int, **progress) -> Path:
+    def save(self, state: TrainState) -> Path:
+        """Checkpoint `step-<state.step>`: weights, optimizer, scheduler, scaler, RNG, and the TrainState whole."""
+        step = state.step
         params = trainable(self.model)
         if not all_finite(params.values()):  # never reached: non-finite steps are skipped. A last guard.
             raise ConfigError(f"refusing to write checkpoint step {step}: some weights are not finite")
@@ -264,11 +269,9 @@ class Saver:
             put("scheduler.pt", lambda path: torch.save(self.scheduler.state_dict(), path))
             if self.scaler is not None:
                 put("scaler.pt", lambda path: torch.save(self.scaler.state_dict(), path))
-            meta = {"step": step, "epoch": step // self.steps_per_epoch,
-                    "batch_in_epoch": step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+            meta = {**state.state_dict(), "steps_per_epoch": self.steps_per_epoch,
                     "total_steps": self.total_steps, "world_size": self.dist.world, "time": time.time(),
-                    "guard": self.guard.state_dict(), "config": config_view(self.cfg), "data": self.data,
-                    **progress}
+                    "config": config_view(self.cfg), "data": self.data}
             put(STATE, lambda path: path.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
             for f in [*tmp.iterdir(), tmp]:
                 self._write(tmp, f, lambda f=f: _fsync(f))
@@ -277,7 +280,7 @@ class Saver:
             os.replace(tmp, final)
             _fsync(self.dir)
             runlock.artifact_saved(self.run_dir)  # a run this one replaces (output.overwrite) can go now
-            self.rotate(progress.get("best_step", 0))
+            self.rotate(state.best_step)
         self.dist.barrier()
         return final
 
@@ -304,9 +307,13 @@ class Saver:
     def load_weights(self, path: Path) -> None:
         load_named(trainable(self.model), path / "weights.safetensors", f"{path}: the checkpoint's weights")
 
-    def restore(self, path: Path, tokenizer, log) -> dict:
-        """Load everything from checkpoint `path`; returns its trainer state (the loop's progress)."""
+    def restore(self, path: Path, tokenizer, log, state: TrainState) -> None:
+        """Load everything from checkpoint `path`, the loop's progress into `state`."""
         meta = read_state(path)
+        if meta.get("state_version") != train_state.VERSION:
+            raise ConfigError(f"--resume {path}: this checkpoint was written by an older deltatune, whose trainer "
+                              f"state this version does not read. Fix: start the run over (output.overwrite=true), "
+                              f"or finish it with the deltatune version that wrote it.")
         if meta["world_size"] != self.dist.world:
             raise ConfigError(f"--resume {path}: written by {meta['world_size']} process(es), resumed with "
                               f"{self.dist.world}. Fix: resume with the same number of processes.")
@@ -333,11 +340,10 @@ class Saver:
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if self.scaler is not None:
             self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-        self.guard.load_state_dict(meta["guard"])
+        state.load_state_dict(meta)
         set_rng_state(torch.load(path / f"rng-rank{self.dist.rank}.pt", weights_only=True))
         log.print(f"resumed from {path}: step {meta['step']} of {self.total_steps} (epoch {meta['epoch']}, "
                   f"batch {meta['batch_in_epoch']} of {self.steps_per_epoch})")
-        return meta
 
 
 # ---------------------------------------------------------------------------------------------

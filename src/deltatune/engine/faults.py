@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
-import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from deltatune.engine.train_state import SkipCount
 from deltatune.errors import DeltatuneError
 
 
@@ -32,13 +32,13 @@ class NumericalError(DeltatuneError):
 class NonFiniteGuard:
     """Counts skipped steps; raises NumericalError after `limit` non-finite steps in a row."""
 
-    def __init__(self, tc, precision: str, last_checkpoint: Callable[[], tuple[Path, int] | None],
+    def __init__(self, tc, precision: str, counts: SkipCount, last_checkpoint: Callable[[], tuple[Path, int] | None],
                  best_model: Path | None, dist=None):
-        """last_checkpoint: the newest complete checkpoint and its step (or None), for the diagnosis."""
+        """counts: the run's skip counters (part of its TrainState, so checkpoints save them).
+        last_checkpoint: the newest complete checkpoint and its step (or None), for the diagnosis."""
         self.limit, self.lr, self.clip, self.precision = tc.max_bad_steps, tc.lr, tc.max_grad_norm, precision
-        self.dist = dist
+        self.dist, self.counts = dist, counts
         self.last_checkpoint, self.best_model = last_checkpoint, best_model
-        self.skipped, self.in_a_row, self.first_bad = 0, 0, 0
 
     def skip(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool, current_lr: float,
              log) -> bool:
@@ -53,21 +53,22 @@ class NonFiniteGuard:
             # The loss is per process: every rank must take the same decision, or their weights drift apart.
             loss_ok = self.dist.all_sum(0.0 if loss_ok else 1.0) == 0
             fine = self.dist.all_sum(0.0 if fine else 1.0) == 0
+        c = self.counts
         if fine:
-            self.in_a_row = 0
+            c.in_a_row = 0
             return False
         what = "loss" if not loss_ok else "gradient norm"
         value = float(loss) if not loss_ok else float(grad_norm)
         if math.isfinite(value):  # not here, but on another process
             value = "not finite on another process"  # type: ignore[assignment]
-        self.skipped += 1
-        self.in_a_row += 1
-        if self.in_a_row == 1:
-            self.first_bad = step
+        c.skipped += 1
+        c.in_a_row += 1
+        if c.in_a_row == 1:
+            c.first_bad = step
         log.write({"skipped_step": step, "reason": f"{what} is {value}"})
         log.print(f"[yellow]step {step}: {what} is {value}; step skipped, no update applied "
-                  f"({self.in_a_row} in a row, {self.skipped} in all; the run stops at {self.limit} in a row)")
-        if self.in_a_row >= self.limit:
+                  f"({c.in_a_row} in a row, {c.skipped} in all; the run stops at {self.limit} in a row)")
+        if c.in_a_row >= self.limit:
             raise NumericalError(self.diagnosis(step, what, current_lr))
         return True
 
@@ -84,18 +85,13 @@ class NonFiniteGuard:
         fixes.append(f"clip gradients harder: train.max_grad_norm={self.clip / 4:g} (now {self.clip:g})" if self.clip
                      else "clip gradients: train.max_grad_norm=1.0 (now off)")
         fixes.append("look for extreme or broken examples in the batches of these steps")
-        return (f"training stopped at step {step}: the {what} was not finite for {self.in_a_row} steps in a row "
-                f"(steps {self.first_bad}-{step}; {self.skipped} skipped in all; train.max_bad_steps={self.limit}). "
+        c = self.counts
+        return (f"training stopped at step {step}: the {what} was not finite for {c.in_a_row} steps in a row "
+                f"(steps {c.first_bad}-{step}; {c.skipped} skipped in all; train.max_bad_steps={self.limit}). "
                 f"No non-finite update was applied and no NaN weights were written.\n"
                 f"  learning rate: {current_lr:.3g} (train.lr={self.lr:g}); precision: {self.precision}\n"
                 f"  last good checkpoint: {ckpt}\n  best model so far: {best}\n"
                 f"  Fix, in a new run: " + "; or ".join(fixes) + ".")
-
-    def state_dict(self) -> dict:
-        return {"skipped": self.skipped, "in_a_row": self.in_a_row, "first_bad": self.first_bad}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.skipped, self.in_a_row, self.first_bad = d["skipped"], d["in_a_row"], d["first_bad"]
 
 
 def all_finite(tensors) -> bool:
@@ -115,35 +111,34 @@ def is_oom(exc: BaseException) -> bool:
         isinstance(exc, MemoryError) or any(s in str(exc).lower() for s in CPU_OOM))
 
 
-def _where(exc: BaseException) -> tuple[str, int | None, tuple[int, ...] | None]:
-    """('train' | 'eval', failing step, input_ids shape) from the loop's frames in the traceback."""
-    phase, step, shape = "train", None, None
-    tb: types.TracebackType | None = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_filename.endswith(os.path.join("engine", "loop.py")):
-            if frame.f_code.co_name == "evaluate":
-                phase = "eval"
-            elif frame.f_code.co_name == "train":
-                step = frame.f_locals.get("step")
-                batch = frame.f_locals.get("batch")
-                ids = batch.get("input_ids") if isinstance(batch, dict) else None
-                shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else None
-        tb = tb.tb_next
-    return phase, (step + 1 if isinstance(step, int) else None), shape
+@dataclass(frozen=True)
+class Where:
+    """Where an out-of-memory error struck, as the loop knows it: the phase, the optimizer step being
+    taken ('train') or just taken ('eval'), and the failing micro-batch's input_ids shape."""
+    phase: str  # "train" | "eval"
+    step: int
+    shape: tuple[int, ...] | None = None
 
 
-def out_of_memory(exc: BaseException, cfg, device: torch.device) -> DeltatuneError:
-    """A DeltatuneError with remedies for this run, for an out-of-memory error raised in training."""
-    from deltatune.config import TrainSection
+def raise_if_oom(exc: BaseException, cfg, device: torch.device, at: Where) -> None:
+    """Called in an `except` by the loop: an out-of-memory `exc` becomes the DeltatuneError of `out_of_memory`;
+    anything else returns, for the caller to re-raise with its traceback."""
+    if is_oom(exc):
+        raise out_of_memory(exc, cfg, device, at) from None
+
+
+def out_of_memory(exc: BaseException, cfg, device: torch.device, at: Where | None = None) -> DeltatuneError:
+    """A DeltatuneError with remedies for this run, for an out-of-memory error raised in training.
+
+    at: where the loop was (None: outside a step or an evaluation, e.g. while moving the model)."""
     from deltatune.engine import precision
     from deltatune.methods import REGISTRY
 
     tc = cfg.train
-    phase, step, shape = _where(exc)
-    where = f"at step {step}" if step else "during training"
+    phase, shape = (at.phase, at.shape) if at else ("train", None)
+    where = f"at step {at.step}" if at else "during training"
     if phase == "eval":
-        where = "while evaluating" + (f" after step {step - 1}" if step else "")
+        where = "while evaluating" + (f" after step {at.step}" if at.step else " before training")
     batch = f" (micro-batch of {shape[0]} rows x {shape[1]} tokens)" if shape and phase == "train" else ""
     fixes = []
     if phase == "eval":
@@ -153,7 +148,7 @@ def out_of_memory(exc: BaseException, cfg, device: torch.device) -> DeltatuneErr
         accum = tc.grad_accum * tc.batch_size // micro
         fixes.append(f"a smaller micro-batch with more accumulation, same global batch: train.batch_size={micro} "
                      f"train.grad_accum={accum}" + ("" if tc.batch_size % micro == 0 else " (close to it)"))
-    if "gradient_checkpointing" in TrainSection.model_fields and not tc.gradient_checkpointing:
+    if not tc.gradient_checkpointing:
         fixes.append("recompute activations in the backward pass: train.gradient_checkpointing=true")
     if REGISTRY[cfg.method.name].saves == "model":
         fixes.append(f"a PEFT method, which keeps no optimizer state for the frozen weights: method.name=lora "

@@ -1,4 +1,9 @@
-"""The training loop. One function, read top to bottom: set up, then steps, evals and checkpoints.
+"""The training loop: `train` is a short driver over named parts, read top to bottom.
+
+`setup` builds the `Run` (what is fixed: model, optimizer, schedule, step counts, guard, saver) and the
+`TrainState` (the progress, saved whole in checkpoints); then, for each global batch, `train_step`,
+`log_window`, `evaluate_and_keep_best` and a checkpoint when due; `after_training` and `summary` last.
+See docs/engine.md.
 
 Conventions
 - `train.batch_size` is the micro-batch per process; one optimizer step sees
@@ -18,7 +23,8 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,7 @@ from deltatune.engine import artifact, checkpoints, embedding_grad, faults, firs
 from deltatune.engine.distributed import Dist
 from deltatune.engine.killpoints import kill_point
 from deltatune.engine.report import RunLog, console
+from deltatune.engine.train_state import TrainState
 from deltatune.evaluation import forgetting, generation, metrics
 from deltatune.methods import count_parameters
 from deltatune.methods.lora import is_quantized
@@ -77,201 +84,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, run_dir: Path, dist: Dist,
-          lr_scale=None, resume: Path | None = None) -> dict:
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    heap_tuned = keep_heap_mapped() if dist.device.type == "cpu" else False
-    prec = precision.resolve(tc.precision, dist.device)
-    if not is_quantized(model):  # 4-bit weights are placed by device_map at load time and cannot move
-        model.to(dist.device)
-    if tc.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train()
-    optimizer = optim.build_optimizer(model, tc, dist.device, lr_scale)
-    scaler = prec.scaler()
-
-    train_set = data.train.dataset
-    lengths = np.asarray(train_set["length"])
-    global_batch = tc.batch_size * tc.grad_accum * dist.world
-    steps_per_epoch = math.ceil(len(train_set) / global_batch)
-    total_steps = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
-    scheduler = optim.build_scheduler(optimizer, tc, total_steps)
-    eval_every = steps_per_epoch if cfg.eval.every == "epoch" else int(cfg.eval.every)
-    trainable, total = count_parameters(model)
-
-    # DDP all-reduces gradients; `no_sync` skips that for all but the last micro-batch of a step.
-    net = model
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    compiled = torch.compile(net, dynamic=True) if tc.compile else net
-    pad_id = tokenizer.pad_token_id
-    lm = cfg.task != "classification"
-    keep_logits = lm and accepts_logits_mask(model)
-
-    best: float | None = None
-    best_step, best_metrics, bad_evals, stopped_early = 0, {}, 0, False
-    probe_before: dict | None = None
-    step, tokens_done, compute_s = 0, 0, 0.0
-    window_loss, window_items, window_tokens, window_norm, window_t = 0.0, 0.0, 0, 0.0, time.perf_counter()
-    history: list[dict] = []
-    wall_start = time.perf_counter()
-    # Non-finite steps are skipped and counted; resumable checkpoints every train.save_every steps.
-    best_path = artifact.artifact_dir(run_dir, model) if data.validation is not None else None
-    ckdir = checkpoints.checkpoints_dir(run_dir)
-    guard = faults.NonFiniteGuard(tc, prec.name, lambda: checkpoints.latest_with_step(ckdir), best_path, dist)
-    saver = checkpoints.Saver(run_dir, cfg, dist, model, optimizer, scheduler, scaler, guard, train_set,
-                              steps_per_epoch, total_steps)
-
-    gen_eval = generation_inputs(data.validation, cfg, tokenizer) if data.validation is not None else None
-    probe = forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows, forgetting.probe_length(model)) \
-        if lm and cfg.eval.forgetting else None
-
-    def run_eval(at_step: int) -> dict:
-        result = evaluate(model, data.validation, len(data.labels), prec, dist.device, pad_id, cfg.eval.batch_size,
-                          lm, gen_eval, keep_logits)
-        result["step"], result["epoch"] = at_step, round(at_step / steps_per_epoch, 3)
-        history.append(result)
-        log.write({"eval": result})
-        return result
-
-    def eval_line(result: dict) -> str:
-        return "  ".join(f"{k} {result[k]:.4f}" for k in metrics.TASK_METRICS[cfg.task] if k in result)
-
-    with (RunLog(run_dir, dist.is_main, total_steps) as log, embedding_grad.row_buffered(model, dist.world) as row_grad,
-          first_token.first_token_only(model, cfg.task) as (pruned, pruned_why)):
-        if resume is not None:
-            p = saver.restore(resume, tokenizer, log)
-            step, best, best_step, best_metrics, bad_evals = (p["step"], p["best"], p["best_step"],
-                                                              p["best_metrics"], p["bad_evals"])
-            stopped_early, history, tokens_done, compute_s = (p["stopped_early"], p["history"], p["tokens_done"],
-                                                              p["compute_s"])
-            window_loss, window_items, window_norm = p["window_loss"], p["window_items"], p["window_norm"]
-            probe_before = p.get("probe_before")  # measured on the base model when the run started
-            log.progress.update(log.task, completed=step)
-        log.print(f"[dim]precision {prec.name} ({prec.reason}); {trainable:,} of {total:,} parameters train; "
-                  f"{total_steps} steps of {global_batch} examples; heap kept mapped: {heap_tuned}; "
-                  f"embedding gradient row-buffered: {row_grad is not None}; last layer first token only: {pruned} "
-                  f"({pruned_why})")
-        if probe is not None and resume is None:  # the base model: adapters (if any) switched off
-            with base_only(model):
-                probe_before = evaluate(model, probe, 0, prec, dist.device, pad_id, cfg.eval.batch_size, lm=True)
-            log.print(f"forgetting probe before training: perplexity {probe_before['perplexity']:.3f} on "
-                      f"{probe.where}")
-        if cfg.eval.at_start and data.validation is not None and resume is None:
-            at_start = run_eval(0)
-            log.print("step 0 (before training): " + eval_line(at_start))
-            window_t = time.perf_counter()
-        while step < total_steps and not stopped_early:
-            epoch = step // steps_per_epoch
-            batches = length_grouped_batches(lengths, global_batch, tc.seed, epoch)
-            for global_ids in batches[step % steps_per_epoch:]:
-                t0 = time.perf_counter()
-                micro = [collate(train_set[ids], pad_id, lm=lm)
-                         for ids in shard(global_ids, dist.rank, dist.world, tc.batch_size)]
-                # Examples (classification) or target tokens (language modelling) in the global batch.
-                n_items = dist.all_sum(sum(count_targets(m["labels"], lm) for m in micro))
-                step_loss = torch.zeros((), dtype=torch.float32)
-                for i, batch in enumerate(micro):
-                    batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
-                    last = i == len(micro) - 1
-                    sync = contextlib.nullcontext() if last or dist.world == 1 else net.no_sync()
-                    with sync:
-                        with prec.autocast():
-                            logits = compiled(**model_inputs(batch, lm, keep_logits)).logits
-                        loss_sum = task_loss(logits, batch["labels"], lm, keep_logits)
-                        # x world: DDP averages gradients over ranks, we want the global-batch mean.
-                        scaled = loss_sum * (dist.world / n_items)
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                    step_loss += loss_sum.detach().float().cpu()
-                    tokens_done += int(batch["attention_mask"].sum())
-                    window_tokens += int(batch["attention_mask"].sum())
-                if scaler:
-                    scaler.unscale_(optimizer)
-                grad_norm = clip_gradients(optimizer, tc.max_grad_norm, fold=scaler is None, rows=row_grad)
-                skipped = guard.skip(step + 1, step_loss, grad_norm, scaler is not None, scheduler.get_last_lr()[0],
-                                     log)
-                if skipped:
-                    pass  # nothing non-finite reaches the optimizer (or the weights)
-                elif scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                compute_s += time.perf_counter() - t0
-                if not skipped:
-                    window_loss += float(step_loss)
-                    window_norm = max(window_norm, float(grad_norm))
-                    window_items += n_items / dist.world
-
-                if step % tc.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_t
-                    rate = dist.all_sum(window_tokens) / max(elapsed, 1e-9)
-                    log.step(step, loss=window_loss / max(window_items, 1), lr=scheduler.get_last_lr()[0],
-                             epoch=round(step / steps_per_epoch, 3), tokens_per_s=round(rate, 1),
-                             max_grad_norm=round(window_norm, 4))
-                    window_loss, window_items, window_tokens, window_norm = 0.0, 0.0, 0, 0.0
-                    window_t = time.perf_counter()
-                else:
-                    log.step(step)
-
-                if data.validation is not None and (step % eval_every == 0 or step == total_steps):
-                    result = run_eval(step)
-                    value = result[cfg.metric]
-                    if math.isfinite(value) and metrics.improved(cfg.metric, value, best):
-                        best, best_step, best_metrics, bad_evals = value, step, result, 0
-                        if dist.is_main:
-                            artifact.save(model, tokenizer, run_dir)
-                    else:
-                        bad_evals += 1
-                    log.print(f"step {step}: " + eval_line(result) + ("  [green]best" if best_step == step else ""))
-                    window_t = time.perf_counter()  # eval time is not training throughput
-                    if cfg.eval.patience and bad_evals >= cfg.eval.patience:
-                        log.print(f"early stop: no {cfg.metric} improvement in {bad_evals} evals")
-                        stopped_early = True
-                if saver.due(step, best_step == step):
-                    saver.save(step, best=best, best_step=best_step, best_metrics=best_metrics, bad_evals=bad_evals,
-                               stopped_early=stopped_early, history=history, tokens_done=tokens_done,
-                               compute_s=compute_s, window_loss=window_loss, window_items=window_items,
-                               window_norm=window_norm, probe_before=probe_before)
-                kill_point("step")  # tests: a process killed between steps
-                if step >= total_steps or stopped_early:
-                    break
-
-    if data.validation is None and dist.is_main:
-        artifact.save(model, tokenizer, run_dir)
-    forgot = None
-    if probe is not None and probe_before is not None:
-        probe_after = evaluate(model, probe, 0, prec, dist.device, pad_id, cfg.eval.batch_size, lm=True)
-        forgot = forgetting.report(probe_before, probe_after, probe, step)
-        if dist.is_main:
-            console.print(f"forgetting probe: perplexity {forgot['perplexity_before']:.3f} -> "
-                          f"{forgot['perplexity_after']:.3f} ({forgot['change_percent']:+.2f}%)")
-    dist.barrier()
-    return {
-        "precision": prec.name, "precision_reason": prec.reason, "steps": step,
-        "epochs_done": round(step / steps_per_epoch, 3), "global_batch": global_batch,
-        "train_seconds": round(time.perf_counter() - wall_start, 2), "compute_seconds": round(compute_s, 2),
-        "tokens": int(dist.all_sum(tokens_done)),
-        "tokens_per_s": round(dist.all_sum(tokens_done) / max(compute_s, 1e-9), 1),
-        "trainable_params": trainable, "total_params": total, "peak_rss_mb": round(peak_rss_mb(), 1),
-        "best_step": best_step, "best_metric": cfg.metric, "best_metrics": best_metrics,
-        "stopped_early": stopped_early, "evals": history, "world_size": dist.world, "heap_kept_mapped": heap_tuned,
-        "embedding_rows_buffered": row_grad is not None, "last_layer_first_token_only": pruned,
-        "quantized_base": is_quantized(model),
-        "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
-                          "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups],
-        "attention": getattr(model.config, "_attn_implementation", None),
-        "gradient_checkpointing": tc.gradient_checkpointing,
-        "skipped_steps": guard.skipped, "resumed_from": str(resume) if resume else None,
-        "last_checkpoint": str(checkpoints.latest(saver.dir) or "") or None, "forgetting": forgot,
-    }
-
-
 @dataclass
 class GenerationEval:
     """Prompts and reference answers for generation-based metrics (a seeded sample of validation)."""
@@ -291,6 +103,285 @@ def generation_inputs(split: Split, cfg: RunConfig, tokenizer) -> GenerationEval
         rows = sorted(random.Random(cfg.data.seed).sample(rows, cfg.eval.generate_rows))
     sample = ds.select(rows)
     return GenerationEval(tokenizer, sample["prompt_ids"], sample["reference"], cfg.eval.max_new_tokens)
+
+
+@dataclass
+class Run:
+    """What stays fixed for one run (built by `setup`); what changes as it trains is the TrainState."""
+    model: torch.nn.Module
+    net: torch.nn.Module  # what the step calls: the model, under DDP and/or torch.compile when configured
+    tokenizer: object
+    data: DataBundle
+    cfg: RunConfig
+    run_dir: Path
+    dist: Dist
+    prec: precision.Precision
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    lengths: np.ndarray
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    lm: bool
+    keep_logits: bool
+    guard: faults.NonFiniteGuard
+    saver: checkpoints.Saver
+    gen_eval: GenerationEval | None
+    probe: Split | None
+    heap_tuned: bool
+    trainable: int  # parameters that train, of `total`
+    total: int
+    wall_start: float = field(default_factory=time.perf_counter)
+    row_grad: embedding_grad.RowGradBuffer | None = None  # set inside `train`'s context
+
+
+def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, run_dir: Path, dist: Dist,
+          lr_scale=None, resume: Path | None = None) -> dict:
+    """Set up, then steps, logging windows, evaluations and checkpoints until the last step; the summary."""
+    run, state = setup(model, tokenizer, data, cfg, run_dir, dist, lr_scale)
+    with (RunLog(run_dir, dist.is_main, run.total_steps) as log,
+          embedding_grad.row_buffered(model, dist.world) as run.row_grad,
+          first_token.first_token_only(model, cfg.task) as (pruned, pruned_why)):
+        if resume is not None:
+            run.saver.restore(resume, tokenizer, log, state)
+            log.progress.update(log.task, completed=state.step)
+        log.print(f"[dim]precision {run.prec.name} ({run.prec.reason}); {run.trainable:,} of "
+                  f"{run.total:,} parameters train; {run.total_steps} steps of {run.global_batch} "
+                  f"examples; heap kept mapped: {run.heap_tuned}; embedding gradient row-buffered: "
+                  f"{run.row_grad is not None}; last layer first token only: {pruned} ({pruned_why})")
+        if resume is None:
+            before_training(run, state, log)
+        for global_ids in global_batches(run, state):
+            train_step(run, state, global_ids, log)
+            log_window(run, state, log)
+            if data.validation is not None and (state.step % run.eval_every == 0 or state.step == run.total_steps):
+                evaluate_and_keep_best(run, state, log)
+            if run.saver.due(state.step, state.best_step == state.step):
+                run.saver.save(state)
+            kill_point("step")  # tests: a process killed between steps
+    forgot = after_training(run, state)
+    return summary(run, state, resume, pruned, forgot)
+
+
+def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, run_dir: Path, dist: Dist,
+          lr_scale) -> tuple[Run, TrainState]:
+    """Threads, precision, device, optimizer and schedule, the step count, the guard and the saver."""
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    heap_tuned = keep_heap_mapped() if dist.device.type == "cpu" else False
+    prec = precision.resolve(tc.precision, dist.device)
+    if not is_quantized(model):  # 4-bit weights are placed by device_map at load time and cannot move
+        model.to(dist.device)
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    optimizer = optim.build_optimizer(model, tc, dist.device, lr_scale)
+    scaler = prec.scaler()
+
+    train_set = data.train.dataset
+    global_batch = tc.batch_size * tc.grad_accum * dist.world
+    steps_per_epoch = math.ceil(len(train_set) / global_batch)
+    total_steps = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
+    scheduler = optim.build_scheduler(optimizer, tc, total_steps)
+    trainable, total = count_parameters(model)
+    # DDP all-reduces gradients; `no_sync` skips that for all but the last micro-batch of a step.
+    net = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
+    lm = cfg.task != "classification"
+    wall_start = time.perf_counter()
+    state = TrainState(steps_per_epoch)
+    # Non-finite steps are skipped and counted; resumable checkpoints every train.save_every steps.
+    best_path = artifact.artifact_dir(run_dir, model) if data.validation is not None else None
+    ckdir = checkpoints.checkpoints_dir(run_dir)
+    guard = faults.NonFiniteGuard(tc, prec.name, state.skips, lambda: checkpoints.latest_with_step(ckdir),
+                                  best_path, dist)
+    saver = checkpoints.Saver(run_dir, cfg, dist, model, optimizer, scheduler, scaler, train_set,
+                              steps_per_epoch, total_steps)
+    run = Run(
+        model=model, net=torch.compile(net, dynamic=True) if tc.compile else net, tokenizer=tokenizer, data=data,
+        cfg=cfg, run_dir=run_dir, dist=dist, prec=prec, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        lengths=np.asarray(train_set["length"]), global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, eval_every=steps_per_epoch if cfg.eval.every == "epoch" else int(cfg.eval.every),
+        lm=lm, keep_logits=lm and accepts_logits_mask(model), guard=guard, saver=saver,
+        gen_eval=generation_inputs(data.validation, cfg, tokenizer) if data.validation is not None else None,
+        probe=forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows, forgetting.probe_length(model))
+        if lm and cfg.eval.forgetting else None,
+        heap_tuned=heap_tuned, trainable=trainable, total=total, wall_start=wall_start)
+    return run, state
+
+
+def global_batches(run: Run, state: TrainState) -> Iterator[np.ndarray]:
+    """The example indices of each remaining optimizer step, epoch after epoch, from the state's position
+    on; stops after the last step or an early stop."""
+    while not state.done(run.total_steps):
+        batches = length_grouped_batches(run.lengths, run.global_batch, run.cfg.train.seed, state.epoch)
+        for global_ids in batches[state.batch_in_epoch:]:
+            yield global_ids
+            if state.done(run.total_steps):
+                return
+
+
+def train_step(run: Run, state: TrainState, global_ids: np.ndarray, log: RunLog) -> None:
+    """One optimizer step: micro-batches (forward, loss, backward), clipping, the non-finite guard, the
+    optimizer and the schedule. The loss is summed over the global batch and divided by its size."""
+    t0 = time.perf_counter()
+    tc, dist, scaler = run.cfg.train, run.dist, run.scaler
+    micro: list[dict] = []
+    i = 0
+    try:
+        micro = [collate(run.data.train.dataset[ids], run.tokenizer.pad_token_id, lm=run.lm)
+                 for ids in shard(global_ids, dist.rank, dist.world, tc.batch_size)]
+        # Examples (classification) or target tokens (language modelling) in the global batch.
+        n_items = dist.all_sum(sum(count_targets(m["labels"], run.lm) for m in micro))
+        step_loss = torch.zeros((), dtype=torch.float32)
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or dist.world == 1 else run.net.no_sync()
+            with sync:
+                with run.prec.autocast():
+                    logits = run.net(**model_inputs(batch, run.lm, run.keep_logits)).logits
+                loss_sum = task_loss(logits, batch["labels"], run.lm, run.keep_logits)
+                # x world: DDP averages gradients over ranks, we want the global-batch mean.
+                scaled = loss_sum * (dist.world / n_items)
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            step_loss += loss_sum.detach().float().cpu()
+            tokens = int(batch["attention_mask"].sum())
+            state.tokens += tokens
+            state.window.tokens += tokens
+    except (RuntimeError, MemoryError) as e:
+        shape = tuple(micro[i]["input_ids"].shape) if micro else None
+        faults.raise_if_oom(e, run.cfg, dist.device, faults.Where("train", state.step + 1, shape))
+        raise
+    if scaler:
+        scaler.unscale_(run.optimizer)
+    grad_norm = clip_gradients(run.optimizer, tc.max_grad_norm, fold=scaler is None, rows=run.row_grad)
+    skipped = run.guard.skip(state.step + 1, step_loss, grad_norm, scaler is not None,
+                             run.scheduler.get_last_lr()[0], log)
+    if not skipped:  # nothing non-finite reaches the optimizer (or the weights)
+        if scaler:
+            scaler.step(run.optimizer)
+            scaler.update()
+        else:
+            run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.compute_s += time.perf_counter() - t0
+    if not skipped:
+        state.window.add(float(step_loss), float(grad_norm), n_items / dist.world)
+
+
+def log_window(run: Run, state: TrainState, log: RunLog) -> None:
+    """Every train.log_every steps (and at the last): the window's mean loss, learning rate, largest
+    gradient norm and real tokens per second; the progress bar moves every step."""
+    step, w = state.step, state.window
+    if step % run.cfg.train.log_every == 0 or step == run.total_steps:
+        rate = run.dist.all_sum(w.tokens) / max(time.perf_counter() - w.started, 1e-9)
+        log.step(step, loss=w.loss / max(w.items, 1), lr=run.scheduler.get_last_lr()[0],
+                 epoch=round(step / run.steps_per_epoch, 3), tokens_per_s=round(rate, 1),
+                 max_grad_norm=round(w.norm, 4))
+        w.reset()
+    else:
+        log.step(step)
+
+
+def run_eval(run: Run, state: TrainState, log: RunLog) -> dict:
+    """Evaluate the validation split now; the result is logged and kept in the state's evaluations."""
+    try:
+        result = evaluate(run.model, run.data.validation, len(run.data.labels), run.prec, run.dist.device,
+                          run.tokenizer.pad_token_id, run.cfg.eval.batch_size, run.lm, run.gen_eval, run.keep_logits)
+    except (RuntimeError, MemoryError) as e:
+        faults.raise_if_oom(e, run.cfg, run.dist.device, faults.Where("eval", state.step))
+        raise
+    result["step"], result["epoch"] = state.step, round(state.step / run.steps_per_epoch, 3)
+    state.evals.append(result)
+    log.write({"eval": result})
+    return result
+
+
+def eval_line(run: Run, result: dict) -> str:
+    return "  ".join(f"{k} {result[k]:.4f}" for k in metrics.TASK_METRICS[run.cfg.task] if k in result)
+
+
+def evaluate_and_keep_best(run: Run, state: TrainState, log: RunLog) -> None:
+    """Evaluate; an improved eval.metric saves the model (rank 0), else counts towards eval.patience."""
+    cfg, step = run.cfg, state.step
+    result = run_eval(run, state, log)
+    value = result[cfg.metric]
+    if math.isfinite(value) and metrics.improved(cfg.metric, value, state.best):
+        state.best, state.best_step, state.best_metrics, state.bad_evals = value, step, result, 0
+        if run.dist.is_main:
+            artifact.save(run.model, run.tokenizer, run.run_dir)
+    else:
+        state.bad_evals += 1
+    log.print(f"step {step}: " + eval_line(run, result) + ("  [green]best" if state.best_step == step else ""))
+    state.window.started = time.perf_counter()  # eval time is not training throughput
+    if cfg.eval.patience and state.bad_evals >= cfg.eval.patience:
+        log.print(f"early stop: no {cfg.metric} improvement in {state.bad_evals} evals")
+        state.stopped_early = True
+
+
+def probe_perplexity(run: Run, state: TrainState) -> dict:
+    """The forgetting probe: perplexity of the current model on general text."""
+    try:
+        return evaluate(run.model, run.probe, 0, run.prec, run.dist.device, run.tokenizer.pad_token_id,
+                        run.cfg.eval.batch_size, lm=True)
+    except (RuntimeError, MemoryError) as e:
+        faults.raise_if_oom(e, run.cfg, run.dist.device, faults.Where("eval", state.step))
+        raise
+
+
+def before_training(run: Run, state: TrainState, log: RunLog) -> None:
+    """A fresh run (not a resume): the forgetting probe's baseline, and eval.at_start."""
+    if run.probe is not None:  # the base model: adapters (if any) switched off
+        with base_only(run.model):
+            state.probe_before = probe_perplexity(run, state)
+        log.print(f"forgetting probe before training: perplexity {state.probe_before['perplexity']:.3f} on "
+                  f"{run.probe.where}")
+    if run.cfg.eval.at_start and run.data.validation is not None:
+        at_start = run_eval(run, state, log)
+        log.print("step 0 (before training): " + eval_line(run, at_start))
+        state.window.started = time.perf_counter()
+
+
+def after_training(run: Run, state: TrainState) -> dict | None:
+    """The model without validation is saved as trained; the forgetting probe again; every rank meets."""
+    if run.data.validation is None and run.dist.is_main:
+        artifact.save(run.model, run.tokenizer, run.run_dir)
+    forgot = None
+    if run.probe is not None and state.probe_before is not None:
+        forgot = forgetting.report(state.probe_before, probe_perplexity(run, state), run.probe, state.step)
+        if run.dist.is_main:
+            console.print(f"forgetting probe: perplexity {forgot['perplexity_before']:.3f} -> "
+                          f"{forgot['perplexity_after']:.3f} ({forgot['change_percent']:+.2f}%)")
+    run.dist.barrier()
+    return forgot
+
+
+def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forgot: dict | None) -> dict:
+    """What `summary.json` reports of the training itself (api.train adds the run's identity)."""
+    dist, model = run.dist, run.model
+    return {
+        "precision": run.prec.name, "precision_reason": run.prec.reason, "steps": state.step,
+        "epochs_done": round(state.step / run.steps_per_epoch, 3), "global_batch": run.global_batch,
+        "train_seconds": round(time.perf_counter() - run.wall_start, 2), "compute_seconds": round(state.compute_s, 2),
+        "tokens": int(dist.all_sum(state.tokens)),
+        "tokens_per_s": round(dist.all_sum(state.tokens) / max(state.compute_s, 1e-9), 1),
+        "trainable_params": run.trainable, "total_params": run.total, "peak_rss_mb": round(peak_rss_mb(), 1),
+        "best_step": state.best_step, "best_metric": run.cfg.metric, "best_metrics": state.best_metrics,
+        "stopped_early": state.stopped_early, "evals": state.evals, "world_size": dist.world,
+        "heap_kept_mapped": run.heap_tuned, "embedding_rows_buffered": run.row_grad is not None,
+        "last_layer_first_token_only": pruned, "quantized_base": is_quantized(model),
+        "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
+                          "params": sum(p.numel() for p in g["params"])} for g in run.optimizer.param_groups],
+        "attention": getattr(model.config, "_attn_implementation", None),
+        "gradient_checkpointing": run.cfg.train.gradient_checkpointing,
+        "skipped_steps": state.skips.skipped, "resumed_from": str(resume) if resume else None,
+        "last_checkpoint": str(checkpoints.latest(run.saver.dir) or "") or None, "forgetting": forgot,
+    }
 
 
 @contextlib.contextmanager
