@@ -189,7 +189,7 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     trainable, total = count_parameters(model)
     # DDP all-reduces gradients; `no_sync` skips that for all but the last micro-batch of a step.
     net = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
-    lm = cfg.task != "classification"
+    lm = cfg.lm
     wall_start = time.perf_counter()
     state = TrainState(steps_per_epoch)
     # Non-finite steps are skipped and counted; resumable checkpoints every train.save_every steps.
