@@ -112,6 +112,21 @@ def killed_then_resumed(cfg, tmp_path: Path, kill: str | None = None, external_a
     return api.train(cfg, resume="auto")
 
 
+def saved_and_best_steps(ref: dict) -> tuple[list[int], list[int]]:
+    """(steps that wrote a checkpoint, steps that wrote a new best model) in an uninterrupted run of `make`:
+    a checkpoint every 5 steps and at each improved eval (eval.metric=loss), none at the last step."""
+    best, bests = None, []
+    for e in ref["evals"]:
+        if best is None or e["loss"] < best:
+            best = e["loss"]
+            bests.append(e["step"])
+    return sorted(s for s in set(range(5, STEPS, 5)) | set(bests) if s < STEPS), bests
+
+
+def newest_before(saved: list[int], step: int) -> int | None:
+    return max((s for s in saved if s < step), default=None)
+
+
 @pytest.mark.parametrize("case", ["step", "checkpoint", "artifact", "external", "lora"])
 def test_kill_and_resume_equals_uninterrupted(case, reference, dropout_bert, toy_data, tmp_path):
     rng = random.Random(f"{SEED}-{case}")
@@ -134,8 +149,24 @@ def test_kill_and_resume_equals_uninterrupted(case, reference, dropout_bert, toy
     assert resumed["resumed_from"] is None or Path(resumed["resumed_from"]).parent == tmp_path / "run" / "checkpoints"
     assert not any(p.name.startswith(".") for p in (tmp_path / "run" / "checkpoints").iterdir()), note
     assert_same_run(Path(ref_cfg.output.dir), tmp_path / "run", ref, resumed)
-    if case == "checkpoint":  # the checkpoint being written was ignored: the resume used the one before it
-        assert resumed["resumed_from"] is None or checkpoints.step_of(Path(resumed["resumed_from"])) < STEPS
+    # A resume from an older checkpoint, or none, would end the same: check it used the newest complete one.
+    got = resumed["resumed_from"] and checkpoints.step_of(Path(resumed["resumed_from"]))
+    saved, bests = saved_and_best_steps(ref)
+    n = int(kill.split(":")[1]) if kill else 0
+    if case == "external":  # killed some time after external_at was logged: at least the checkpoint before it
+        floor = newest_before(saved, external_at)
+        assert (got is None and floor is None) or (got in saved and got >= (floor or 0)), f"{note}: step {got}"
+    else:
+        if case == "checkpoint":  # killed writing the n-th checkpoint: that one is ignored
+            expected = saved[n - 2] if n > 1 else None
+        elif case == "artifact":  # killed swapping in the n-th best model, before that step's checkpoint
+            expected = newest_before(saved, bests[n - 1])
+        else:  # killed after step n and its checkpoint, if it had one
+            expected = newest_before(saved, n + 1)
+        assert got == expected, f"{note}: resumed from step {got}, expected {expected} (checkpoints {saved})"
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["resume"] for r in lines if "resume" in r] == \
+        ([{"from": resumed["resumed_from"], "step": got}] if got else []), note
 
 
 def test_a_torn_checkpoint_is_never_read(reference, tmp_path):
@@ -167,13 +198,15 @@ def test_rotation_keeps_the_newest_and_the_best(reference, dropout_bert, toy_dat
     cfg, s = reference["full"]
     kept = sorted(checkpoints.step_of(p) for p in checkpoints.complete(Path(cfg.output.dir) / "checkpoints"))
     assert kept[-2:] == [25, 30]  # keep_last=2 of every 5 steps (32 total; none at the end)
-    # Accuracy peaks early on this task: that best checkpoint survives however many newer ones come.
-    acc = make(tmp_path / "acc", dropout_bert, toy_data, **{"eval.metric": "accuracy", "train.keep_last": 1})
+    # A best older than every checkpoint keep_last keeps survives rotation. At lr 1e-12 the weights do not
+    # move, so no eval improves on the first (accuracy must rise to count): the best stays at step 8, while
+    # checkpoints come at 10, 15, ..., 30 and keep_last=1 keeps only the newest of them.
+    acc = make(tmp_path / "acc", dropout_bert, toy_data, **{"eval.metric": "accuracy", "train.keep_last": 1,
+                                                            "train.lr": 1e-12})
     sa = api.train(acc)
+    assert sa["best_step"] == 8 and [e["step"] for e in sa["evals"]] == [8, 16, 24, 32]
     steps = sorted(checkpoints.step_of(p) for p in checkpoints.complete(tmp_path / "acc" / "checkpoints"))
-    assert steps[-1] == 30
-    if sa["best_step"] < STEPS:  # (no checkpoint is written at the last step: the run is complete there)
-        assert sa["best_step"] in steps and len(steps) == 1 + (sa["best_step"] != 30)
+    assert steps == [8, 30]
     for p in (tmp_path / "acc" / "checkpoints").iterdir():
         assert sorted(f.name for f in p.iterdir()) == ["optimizer.pt", "rng-rank0.pt", "scheduler.pt",
                                                        "trainer_state.json", "weights.safetensors"]
@@ -336,43 +369,3 @@ def test_a_best_model_swap_cut_by_a_kill_is_repaired_by_the_next_command(referen
     assert "did not finish" in " ".join(capsys.readouterr().err.split())
     assert sorted(p.name for p in run.iterdir() if p.name.startswith((".", "model"))) == ["model"]
     assert all(torch.equal(before[k], loaded.model.state_dict()[k]) for k in before)
-
-
-def test_train_state_saves_and_restores_every_field():
-    """Every field of TrainState survives state_dict -> JSON -> load_state_dict: a field added to the state
-    but not to the checkpoint fails here (only the window's throughput clock is meant to restart)."""
-    import dataclasses
-
-    from deltatune.engine.train_state import TrainState
-
-    saved = TrainState(16, step=21, best=0.25, best_step=16, best_metrics={"loss": 0.25}, evals=[{"step": 8}],
-                       bad_evals=1, stopped_early=True, tokens=1234, compute_s=5.5, probe_before={"perplexity": 9.0})
-    saved.skips.skipped, saved.skips.in_a_row, saved.skips.first_bad = 3, 1, 20
-    saved.window.add(1.5, 0.75, 32.0)
-    d = json.loads(json.dumps(saved.state_dict()))
-    assert (d["step"], d["epoch"], d["batch_in_epoch"]) == (21, 1, 5)
-    restored = TrainState(16)
-    restored.load_state_dict(d)
-    for f in dataclasses.fields(TrainState):
-        assert getattr(restored, f.name) != getattr(TrainState(16), f.name) or f.name == "steps_per_epoch", f.name
-    for f in dataclasses.fields(TrainState):
-        a, b = getattr(saved, f.name), getattr(restored, f.name)
-        if f.name == "window":
-            assert (a.loss, a.items, a.norm) == (b.loss, b.items, b.norm)
-        else:
-            assert a == b, f.name
-
-
-def test_a_checkpoint_of_the_old_layout_is_refused_with_a_sentence(reference, tmp_path):
-    """trainer_state.json from before TrainState (no state_version) is not read; the error says what to do."""
-    cfg, _ = reference["full"]
-    run = tmp_path / "run"
-    shutil.copytree(cfg.output.dir, run)
-    (run / "summary.json").unlink()
-    newest = checkpoints.latest(run / "checkpoints")
-    meta = json.loads((newest / "trainer_state.json").read_text())
-    del meta["state_version"]
-    (newest / "trainer_state.json").write_text(json.dumps(meta))
-    moved = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(run)})})
-    with pytest.raises(ConfigError, match="written by an older deltatune.*Fix: start the run over"):
-        api.train(moved, resume="auto")
