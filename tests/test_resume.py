@@ -369,3 +369,43 @@ def test_a_best_model_swap_cut_by_a_kill_is_repaired_by_the_next_command(referen
     assert "did not finish" in " ".join(capsys.readouterr().err.split())
     assert sorted(p.name for p in run.iterdir() if p.name.startswith((".", "model"))) == ["model"]
     assert all(torch.equal(before[k], loaded.model.state_dict()[k]) for k in before)
+
+
+def test_train_state_saves_and_restores_every_field():
+    """Every field of TrainState survives state_dict -> JSON -> load_state_dict: a field added to the state
+    but not to the checkpoint fails here (only the window's throughput clock is meant to restart)."""
+    import dataclasses
+
+    from deltatune.engine.train_state import TrainState
+
+    saved = TrainState(16, step=21, best=0.25, best_step=16, best_metrics={"loss": 0.25}, evals=[{"step": 8}],
+                       bad_evals=1, stopped_early=True, tokens=1234, compute_s=5.5, probe_before={"perplexity": 9.0})
+    saved.skips.skipped, saved.skips.in_a_row, saved.skips.first_bad = 3, 1, 20
+    saved.window.add(1.5, 0.75, 32.0)
+    d = json.loads(json.dumps(saved.state_dict()))
+    assert (d["step"], d["epoch"], d["batch_in_epoch"]) == (21, 1, 5)
+    restored = TrainState(16)
+    restored.load_state_dict(d)
+    for f in dataclasses.fields(TrainState):
+        assert getattr(restored, f.name) != getattr(TrainState(16), f.name) or f.name == "steps_per_epoch", f.name
+    for f in dataclasses.fields(TrainState):
+        a, b = getattr(saved, f.name), getattr(restored, f.name)
+        if f.name == "window":
+            assert (a.loss, a.items, a.norm) == (b.loss, b.items, b.norm)
+        else:
+            assert a == b, f.name
+
+
+def test_a_checkpoint_of_the_old_layout_is_refused_with_a_sentence(reference, tmp_path):
+    """trainer_state.json from before TrainState (no state_version) is not read; the error says what to do."""
+    cfg, _ = reference["full"]
+    run = tmp_path / "run"
+    shutil.copytree(cfg.output.dir, run)
+    (run / "summary.json").unlink()
+    newest = checkpoints.latest(run / "checkpoints")
+    meta = json.loads((newest / "trainer_state.json").read_text())
+    del meta["state_version"]
+    (newest / "trainer_state.json").write_text(json.dumps(meta))
+    moved = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(run)})})
+    with pytest.raises(ConfigError, match="written by an older deltatune.*Fix: start the run over"):
+        api.train(moved, resume="auto")
