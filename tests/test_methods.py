@@ -169,6 +169,25 @@ def test_lora_variants_and_inits_apply(make_config, variant, init):
     assert peft_cfg.use_dora == (variant == "dora") and peft_cfg.use_rslora == (variant == "rslora")
     if variant == "dora":
         assert any("lora_magnitude_vector" in n for n in trainable)
+    # The init took effect, in every wrapped layer. default: A ~ U(+-1/sqrt(in)) (kaiming), B = 0;
+    # gaussian: A ~ N(0, 1/r) (beyond that bound somewhere), B = 0; pissa: A and B from the top singular
+    # vectors, taken out of the base weight (base + scaling * B @ A is the original weight).
+    original = dict(base_state(make_config())[0].named_parameters())
+    layers = {n.removeprefix("base_model.model.") + ".weight": m for n, m in model.named_modules()
+              if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert len(layers) == 2 * 6  # query, key, value, attention output, intermediate, output; 2 layers
+    for name, layer in layers.items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        bound, r, base = layer.in_features ** -0.5, a.shape[0], layer.base_layer.weight
+        if init == "pissa":
+            assert b.abs().max() > 0 and not torch.equal(base, original[name])
+            assert torch.allclose(base + layer.scaling["default"] * b @ a, original[name], atol=1e-5)
+        else:
+            assert torch.equal(b, torch.zeros_like(b)) and torch.equal(base, original[name])
+            if init == "default":
+                assert a.abs().max() <= bound
+            else:
+                assert a.abs().max() > bound and a.std().item() == pytest.approx(1 / r, rel=0.25)
 
 
 def test_preflight_refuses_method_task_mismatch_before_loading(make_config, monkeypatch):
