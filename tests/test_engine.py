@@ -35,10 +35,17 @@ def test_batch_8_equals_batch_2_times_accumulation_4(make_config, tmp_path):
 
 
 def test_clipping_also_matches_under_accumulation(make_config, tmp_path):
-    common = {"data.validation": None, "train.max_steps": 4, "train.lr": 1e-3, "train.max_grad_norm": 0.05}
-    api.train(make_config(**common, **{"train.batch_size": 8, "output.dir": str(tmp_path / "a")}))
-    api.train(make_config(**common, **{"train.batch_size": 4, "train.grad_accum": 2,
-                                       "output.dir": str(tmp_path / "b")}))
+    common = {"data.validation": None, "train.max_steps": 4, "train.lr": 1e-3, "train.log_every": 1}
+    for name, run in {"a": {"train.batch_size": 8, "train.max_grad_norm": 0.01},
+                      "b": {"train.batch_size": 4, "train.grad_accum": 2, "train.max_grad_norm": 0.01},
+                      "unclipped": {"train.batch_size": 8, "train.max_grad_norm": None}}.items():
+        api.train(make_config(**common, **run, **{"output.dir": str(tmp_path / name)}))
+    # Clipping happened: every step's gradient norm (logged before clipping) is above 0.01, and the
+    # weights end far from those of the same run unclipped.
+    logged = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["max_grad_norm"] for r in logged if "loss" in r]
+    assert len(norms) == 4 and min(norms) > 0.01, norms
+    assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "unclipped")) > 1e-4  # (1.7e-3 when written)
     assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "b")) < 1e-5
 
 
