@@ -36,10 +36,6 @@ from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods import lora as lora_mod
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def train(cfg: RunConfig, resume: str | None = None, resume_command: str | None = None) -> dict:
     """Fine-tune as `cfg` says; returns the summary also written to `<output.dir>/summary.json`.
 
@@ -277,7 +273,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
             tokenizer = AutoTokenizer.from_pretrained(artifact)
         # Seeded as in training, so even the untrained copy of the head peft keeps is reproduced.
         loop.seed_everything(cfg.train.seed)
-        target = torch.device(device or _default_device())
+        target = torch.device(device or precision.default_device())
         base = models.load_model(cfg.task, cfg.model.name, labels, tokenizer, cfg.model.revision,
                                  cfg.model.trust_remote_code, "sdpa", **_load_kwargs(cfg, target))
         from deltatune.methods import adapter as bottleneck
@@ -295,7 +291,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
             tokenizer = AutoTokenizer.from_pretrained(artifact)
             model = auto.from_pretrained(artifact, dtype=torch.float32)
     if not lora_mod.is_quantized(model):  # 4-bit weights are placed by device_map and cannot move
-        model.to(device or _default_device())
+        model.to(device or precision.default_device())
     model.eval()
     return LoadedRun(path, cfg, model, tokenizer, labels)
 
@@ -393,7 +389,8 @@ def load_generator(path: str | Path, template: str | None = None, device: str | 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or _default_device()).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = model.to(device or precision.default_device()).eval()
     default = saved or ("chat" if getattr(tokenizer, "chat_template", None) else "raw")
     return Generator(model, tokenizer, template or default, str(path))
 

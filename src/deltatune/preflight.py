@@ -10,8 +10,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
-
 from deltatune import methods
 from deltatune.engine import precision
 from deltatune.errors import ConfigError, DeltatuneError
@@ -21,7 +19,7 @@ from deltatune.evaluation.metrics import TASK_METRICS
 def run(cfg, resuming: bool = False) -> None:
     """All the checks, in order; `resuming`: continuing a checkpoint of output.dir, which may be finished."""
     # The precision is resolved for the device a run here gets by default (as api does): fp16 needs CUDA.
-    precision.resolve(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    precision.resolve(cfg.train.precision, precision.default_device())
     _metric_and_method(cfg)
     _qlora(cfg)
     _evaluation(cfg)

@@ -10,6 +10,11 @@ import torch
 from deltatune.errors import ConfigError
 
 
+def default_device() -> torch.device:
+    """Where a run (or a loaded run) computes when nothing says otherwise: the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cpu_supports_bf16() -> bool:
     """Native bf16 matmuls (AVX512-BF16 or AMX). Without them bf16 autocast is emulated and slower."""
     cpu = torch.cpu
