@@ -265,6 +265,10 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
     artifact = path / ("adapter" if (path / "adapter").exists() else "model")
     artifacts.check(path, artifact)
+    target = torch.device(device or precision.default_device())
+    # The attention kernel the run trained and evaluated with: eager and SDPA differ in the last bits, and
+    # `deltatune eval` of a saved run should reproduce the run's own evaluation.
+    attention = models.attention_for(cfg.model.attention, target)
     if artifact.name == "adapter":
         # The base comes from where the run found it; the adapter (and the trained head) from the run.
         from peft import PeftModel
@@ -273,9 +277,8 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
             tokenizer = AutoTokenizer.from_pretrained(artifact)
         # Seeded as in training, so even the untrained copy of the head peft keeps is reproduced.
         loop.seed_everything(cfg.train.seed)
-        target = torch.device(device or precision.default_device())
         base = models.load_model(cfg.task, cfg.model.name, labels, tokenizer, cfg.model.revision,
-                                 cfg.model.trust_remote_code, "sdpa", **_load_kwargs(cfg, target))
+                                 cfg.model.trust_remote_code, attention, **_load_kwargs(cfg, target))
         from deltatune.methods import adapter as bottleneck
 
         with artifacts.reading(path, artifact):
@@ -289,9 +292,9 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
         auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
         with artifacts.reading(path, artifact):
             tokenizer = AutoTokenizer.from_pretrained(artifact)
-            model = auto.from_pretrained(artifact, dtype=torch.float32)
+            model = auto.from_pretrained(artifact, dtype=torch.float32, attn_implementation=attention)
     if not lora_mod.is_quantized(model):  # 4-bit weights are placed by device_map and cannot move
-        model.to(device or precision.default_device())
+        model.to(target)
     model.eval()
     return LoadedRun(path, cfg, model, tokenizer, labels)
 
