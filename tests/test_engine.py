@@ -128,7 +128,7 @@ def test_precision_auto_is_explained_and_fp16_on_cpu_refused():
 def test_row_buffered_embedding_gradient_equals_autograd():
     """Two steps of accumulation with padding: the buffer holds exactly autograd's dense gradient."""
     from deltatune.engine.embedding_grad import row_buffered
-    from deltatune.engine.loop import clip_gradients
+    from deltatune.engine.strategy import clip_gradients
 
     class Tiny(torch.nn.Module):
         def __init__(self):

@@ -115,7 +115,7 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
         console.print(f"--resume auto: no complete checkpoint in {checkpoints.checkpoints_dir(run_dir)}; starting "
                       f"from the beginning.", highlight=False, soft_wrap=True)
     preflight.run(cfg, resuming=resume_from is not None)
-    dist = distributed.setup()
+    dist = distributed.setup(group=cfg.train.distributed in ("fsdp", "deepspeed"))  # these need a group of one too
     try:
         if dist.is_main:
             _prepare_run_dir(cfg, run_dir, resume_from, fresh_ok=resume == "auto", lock=lock,

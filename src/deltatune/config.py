@@ -79,6 +79,15 @@ class TrainSection(Section):
     save_every: int | None = Field(None, ge=1, description="write a resumable checkpoint every N optimizer steps")
     keep_last: int = Field(2, ge=1, description="resumable checkpoints kept (the best is always kept too)")
     max_bad_steps: int = Field(3, ge=1, description="stop after this many non-finite steps in a row")
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="with several processes (--nproc N or torchrun): ddp replicates the model; fsdp shards "
+        "it per transformer block (FSDP2); deepspeed runs DeepSpeed ZeRO; auto = ddp when more than one process")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="deepspeed: 1 shards optimizer state, 2 also gradients, "
+                                         "3 also parameters")
+    offload: Literal["none", "optimizer", "all"] = Field(
+        "none", description="fsdp/deepspeed: keep optimizer state (and with `all` parameters too) in CPU memory")
+    deepspeed_config: str | None = Field(None, description="deepspeed: a DeepSpeed JSON file used as it is (its "
+                                         "batch sizes must agree with train.batch_size and train.grad_accum)")
 
 
 class EvalSection(Section):

@@ -29,19 +29,25 @@ def artifact_dir(run_dir: Path, model: torch.nn.Module) -> Path:
     return run_dir / ("adapter" if isinstance(model, adapter_types) else "model")
 
 
-def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path,
+         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """state_dict: the whole model's tensors when `model` holds only this rank's shard (FSDP, ZeRO-3)."""
     target = artifact_dir(run_dir, model)
-    save_model(model, tokenizer, target, what=f"the best {target.name} of the run")
+    save_model(model, tokenizer, target, what=f"the best {target.name} of the run", state_dict=state_dict)
     runlock.artifact_saved(run_dir)  # a run this one replaces (output.overwrite) can go now
     return target
 
 
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path,
-               extra: dict[str, str] | None = None, what: str = "the model") -> None:
+               extra: dict[str, str] | None = None, what: str = "the model",
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # peft keeps only the adapter's entries of a whole state dict (and would save an empty adapter from
+        # ZeRO-3's placeholder parameters without it: TRL #4416, PEFT #2892).
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")

@@ -30,14 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from deltatune.engine import artifact, disk, runlock, train_state
 from deltatune.engine.faults import all_finite
-from deltatune.engine.killpoints import kill_point
 from deltatune.engine.train_state import TrainState
 from deltatune.errors import ConfigError
-from deltatune.methods.common import load_named
 
 DIRNAME = "checkpoints"
 STATE = "trainer_state.json"
@@ -224,10 +221,10 @@ def set_rng_state(s: dict) -> None:
 class Saver:
     """Writes, rotates and restores the resumable checkpoints of one run."""
 
-    def __init__(self, run_dir: Path, cfg, dist, model, optimizer, scheduler, scaler, train_set,
+    def __init__(self, run_dir: Path, cfg, dist, spread, model, optimizer, scheduler, scaler, train_set,
                  steps_per_epoch: int, total_steps: int):
         self.dir = checkpoints_dir(run_dir)
-        self.run_dir, self.cfg, self.dist, self.model = Path(run_dir), cfg, dist, model
+        self.run_dir, self.cfg, self.dist, self.spread, self.model = Path(run_dir), cfg, dist, spread, model
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.train_set, self.steps_per_epoch, self.total_steps = train_set, steps_per_epoch, total_steps
         self._data: str | None = None
@@ -243,10 +240,10 @@ class Saver:
         return bool(every) and (step % every == 0 or new_best) and step < self.total_steps
 
     def save(self, state: TrainState) -> Path:
-        """Checkpoint `step-<state.step>`: weights, optimizer, scheduler, scaler, RNG, and the TrainState whole."""
+        """Checkpoint `step-<state.step>`: weights, optimizer, scheduler, scaler (as the strategy stores them:
+        whole from rank 0, or a shard from every rank), RNG per rank, and the TrainState whole."""
         step = state.step
-        params = trainable(self.model)
-        if not all_finite(params.values()):  # never reached: non-finite steps are skipped. A last guard.
+        if not all_finite(trainable(self.model).values()):  # never reached: non-finite steps are skipped
             raise ConfigError(f"refusing to write checkpoint step {step}: some weights are not finite")
         final = self.dir / f"step-{step:06d}"
         tmp = self.dir / f".tmp-{final.name}"
@@ -254,26 +251,20 @@ class Saver:
             shutil.rmtree(tmp, ignore_errors=True)
             self._write(tmp, tmp, lambda: tmp.mkdir(parents=True))
         self.dist.barrier()
-        rng = tmp / f"rng-rank{self.dist.rank}.pt"
-        self._write(tmp, rng, lambda: torch.save(rng_state(), rng))
+
+        def put(name: str, write) -> None:
+            self._write(tmp, tmp / name, lambda: write(tmp / name))
+
+        put(f"rng-rank{self.dist.rank}.pt", lambda path: torch.save(rng_state(), path))
+        self.spread.save_state(tmp, put, self.model, self.optimizer, self.scheduler, self.scaler)
         self.dist.barrier()
         if self.dist.is_main:
-            weights = {n: p.detach().cpu().contiguous() for n, p in params.items()}
-
-            def put(name: str, write) -> None:
-                self._write(tmp, tmp / name, lambda: write(tmp / name))
-
-            put("weights.safetensors", lambda path: save_file(weights, str(path)))
-            put("optimizer.pt", lambda path: torch.save(self.optimizer.state_dict(), path))
-            kill_point("checkpoint")  # tests: a process killed while writing a checkpoint
-            put("scheduler.pt", lambda path: torch.save(self.scheduler.state_dict(), path))
-            if self.scaler is not None:
-                put("scaler.pt", lambda path: torch.save(self.scaler.state_dict(), path))
             meta = {**state.state_dict(), "steps_per_epoch": self.steps_per_epoch,
-                    "total_steps": self.total_steps, "world_size": self.dist.world, "time": time.time(),
+                    "total_steps": self.total_steps, "world_size": self.dist.world,
+                    "distributed": self.spread.describe(), "time": time.time(),
                     "config": config_view(self.cfg), "data": self.data}
             put(STATE, lambda path: path.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
-            for f in [*tmp.iterdir(), tmp]:
+            for f in [*sorted(tmp.rglob("*"), reverse=True), tmp]:  # files before the folders that hold them
                 self._write(tmp, f, lambda f=f: _fsync(f))
             if final.exists():  # written before by a branch that was abandoned by a resume
                 delete(final)
@@ -297,15 +288,29 @@ class Saver:
             shutil.rmtree(tmp, ignore_errors=True)
             raise failure from None
 
+    def check_world(self, path: Path, meta: dict) -> None:
+        """An exact resume sees the same global batches (train.batch_size x train.grad_accum x processes) and
+        reads the checkpoint's own format: the same number of processes and the same train.distributed."""
+        was, now = meta["world_size"], self.dist.world
+        written = (meta.get("distributed") or {}).get("mode", "ddp" if was > 1 else "single")
+        if written != self.spread.name and {written, self.spread.name} != {"single", "ddp"}:
+            raise ConfigError(f"--resume {path}: written by train.distributed={written}, resumed with "
+                              f"{self.spread.name}; their checkpoints differ. Fix: resume with "
+                              f"train.distributed={written} and {was} process(es).")
+        if was != now:
+            tc = self.cfg.train
+            raise ConfigError(f"--resume {path}: written by {was} process(es), resumed with {now}: the global batch "
+                              f"(train.batch_size x train.grad_accum x processes) would change from "
+                              f"{tc.batch_size * tc.grad_accum * was} to {tc.batch_size * tc.grad_accum * now}, and "
+                              f"with it every later step. Fix: resume with --nproc {was} (the same number of "
+                              f"processes in all).")
+
     def rotate(self, best_step: int) -> None:
         done = complete(self.dir)
         keep = set(done[-self.cfg.train.keep_last:]) | {p for p in done if step_of(p) == best_step}
         for p in done:
             if p not in keep:
                 delete(p)
-
-    def load_weights(self, path: Path) -> None:
-        load_named(trainable(self.model), path / "weights.safetensors", f"{path}: the checkpoint's weights")
 
     def restore(self, path: Path, tokenizer, log, state: TrainState) -> None:
         """Load everything from checkpoint `path`, the loop's progress into `state`."""
@@ -314,9 +319,7 @@ class Saver:
             raise ConfigError(f"--resume {path}: this checkpoint was written by an older deltatune, whose trainer "
                               f"state this version does not read. Fix: start the run over (output.overwrite=true), "
                               f"or finish it with the deltatune version that wrote it.")
-        if meta["world_size"] != self.dist.world:
-            raise ConfigError(f"--resume {path}: written by {meta['world_size']} process(es), resumed with "
-                              f"{self.dist.world}. Fix: resume with the same number of processes.")
+        self.check_world(path, meta)
         if meta["total_steps"] != self.total_steps or meta["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"--resume {path}: the run had {meta['total_steps']} steps of "
                               f"{meta['steps_per_epoch']} per epoch, now {self.total_steps} of {self.steps_per_epoch}"
@@ -325,21 +328,17 @@ class Saver:
             raise ConfigError(f"--resume {path}: the training data differs from the data this checkpoint was "
                               f"trained on (fingerprint of the tokenized rows). Fix: restore the original data "
                               f"files, or start a new run in another output.dir.")
-        device = next(self.model.parameters()).device
         best = Path(path).parent / f"step-{meta['best_step']:06d}"
-        if self.dist.is_main:
-            # The saved best model may come from steps after this checkpoint (a branch the kill cut off):
-            # rewrite it from the best checkpoint, or remove it, so that it matches the restored best state.
-            if meta["best_step"] and best.is_dir():
-                self.load_weights(best)
-                artifact.save(self.model, tokenizer, self.run_dir)
-            elif not meta["best_step"]:
-                shutil.rmtree(artifact.artifact_dir(self.run_dir, self.model), ignore_errors=True)
-        self.load_weights(path)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        if self.scaler is not None:
-            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        # The saved best model may come from steps after this checkpoint (a branch the kill cut off):
+        # rewrite it from the best checkpoint, or remove it, so that it matches the restored best state.
+        if meta["best_step"] and best.is_dir():
+            self.spread.load_weights(best, self.model)  # every rank: sharded weights load collectively
+            whole = self.spread.full_state_dict(self.model)
+            if self.dist.is_main:
+                artifact.save(self.model, tokenizer, self.run_dir, state_dict=whole)
+        elif not meta["best_step"] and self.dist.is_main:
+            shutil.rmtree(artifact.artifact_dir(self.run_dir, self.model), ignore_errors=True)
+        self.spread.load_state(path, self.model, self.optimizer, self.scheduler, self.scaler)
         state.load_state_dict(meta)
         set_rng_state(torch.load(path / f"rng-rank{self.dist.rank}.pt", weights_only=True))
         log.print(f"resumed from {path}: step {meta['step']} of {self.total_steps} (epoch {meta['epoch']}, "

@@ -27,13 +27,27 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item())
 
+    @property
+    def backend(self) -> str | None:
+        return dist.get_backend() if dist.is_initialized() else None
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
+    def gather_objects(self, obj: object) -> list[object]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out: list[object] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
-def setup() -> Dist:
-    """Join the process group if torchrun started us (WORLD_SIZE>1); otherwise a world of one."""
+
+def setup(group: bool = False) -> Dist:
+    """Join the process group if torchrun started us (WORLD_SIZE>1); otherwise a world of one.
+
+    group: a process group even for one process (FSDP2 and DeepSpeed need one), on a free local port."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -42,13 +56,25 @@ def setup() -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if (world > 1 or group) and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world == 1 and "MASTER_ADDR" not in os.environ:  # not launched by torchrun: a group of one, here
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
     return Dist(rank=rank, world=world, local_rank=local, device=device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def teardown(d: Dist) -> None:
     # FSDP2/DDP ranks can abort at exit unless they meet at a barrier and destroy the group.
-    if d.world > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -35,7 +35,7 @@ from deltatune.config import RunConfig
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data import DataBundle, Split
 from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
-from deltatune.engine import artifact, checkpoints, embedding_grad, faults, first_token, optim, precision
+from deltatune.engine import artifact, checkpoints, embedding_grad, faults, first_token, optim, precision, strategy
 from deltatune.engine.distributed import Dist
 from deltatune.engine.killpoints import kill_point
 from deltatune.engine.report import RunLog, console
@@ -109,7 +109,8 @@ def generation_inputs(split: Split, cfg: RunConfig, tokenizer) -> GenerationEval
 class Run:
     """What stays fixed for one run (built by `setup`); what changes as it trains is the TrainState."""
     model: torch.nn.Module
-    net: torch.nn.Module  # what the step calls: the model, under DDP and/or torch.compile when configured
+    net: torch.nn.Module  # what the step calls: the model as the strategy wrapped it, compiled when configured
+    strategy: strategy.Single  # how the model, gradients and optimizer spread over processes (engine/strategy.py)
     tokenizer: object
     data: DataBundle
     cfg: RunConfig
@@ -147,6 +148,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         if resume is not None:
             run.saver.restore(resume, tokenizer, log, state)
             log.progress.update(log.task, completed=state.step)
+        log.print(f"[bold]distributed[/]: {describe(run.strategy)}")
         log.print(f"[dim]precision {run.prec.name} ({run.prec.reason}); {run.trainable:,} of "
                   f"{run.total:,} parameters train; {run.total_steps} steps of {run.global_batch} "
                   f"examples; heap kept mapped: {run.heap_tuned}; embedding gradient row-buffered: "
@@ -178,17 +180,16 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    optimizer = optim.build_optimizer(model, tc, dist.device, lr_scale)
-    scaler = prec.scaler()
-
     train_set = data.train.dataset
     global_batch = tc.batch_size * tc.grad_accum * dist.world
     steps_per_epoch = math.ceil(len(train_set) / global_batch)
     total_steps = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
-    scheduler = optim.build_scheduler(optimizer, tc, total_steps)
-    trainable, total = count_parameters(model)
-    # DDP all-reduces gradients; `no_sync` skips that for all but the last micro-batch of a step.
-    net = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
+    trainable, total = count_parameters(model)  # before sharding: the whole model's counts
+    # The optimizer is built after wrapping: sharding (FSDP2) replaces the parameters it must hold.
+    spread = strategy.choose(cfg, dist, prec)
+    net, optimizer, scheduler = spread.wrap(model, lambda m: optim.build_optimizer(m, tc, dist.device, lr_scale),
+                                            lambda opt: optim.build_scheduler(opt, tc, total_steps))
+    scaler = None if spread.owns_loss_scaling else prec.scaler()
     lm = cfg.lm
     wall_start = time.perf_counter()
     state = TrainState(steps_per_epoch)
@@ -197,10 +198,11 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     ckdir = checkpoints.checkpoints_dir(run_dir)
     guard = faults.NonFiniteGuard(tc, prec.name, state.skips, lambda: checkpoints.latest_with_step(ckdir),
                                   best_path, dist)
-    saver = checkpoints.Saver(run_dir, cfg, dist, model, optimizer, scheduler, scaler, train_set,
+    saver = checkpoints.Saver(run_dir, cfg, dist, spread, model, optimizer, scheduler, scaler, train_set,
                               steps_per_epoch, total_steps)
     run = Run(
-        model=model, net=torch.compile(net, dynamic=True) if tc.compile else net, tokenizer=tokenizer, data=data,
+        model=model, net=torch.compile(net, dynamic=True) if tc.compile else net, strategy=spread, tokenizer=tokenizer,
+        data=data,
         cfg=cfg, run_dir=run_dir, dist=dist, prec=prec, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
         lengths=np.asarray(train_set["length"]), global_batch=global_batch, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, eval_every=steps_per_epoch if cfg.eval.every == "epoch" else int(cfg.eval.every),
@@ -227,28 +229,27 @@ def train_step(run: Run, state: TrainState, global_ids: np.ndarray, log: RunLog)
     """One optimizer step: micro-batches (forward, loss, backward), clipping, the non-finite guard, the
     optimizer and the schedule. The loss is summed over the global batch and divided by its size."""
     t0 = time.perf_counter()
-    tc, dist, scaler = run.cfg.train, run.dist, run.scaler
+    tc, dist, scaler, spread = run.cfg.train, run.dist, run.scaler, run.strategy
     micro: list[dict] = []
     i = 0
     try:
-        micro = [collate(run.data.train.dataset[ids], run.tokenizer.pad_token_id, lm=run.lm)
-                 for ids in shard(global_ids, dist.rank, dist.world, tc.batch_size)]
+        micro = micro_batches(run, global_ids)
         # Examples (classification) or target tokens (language modelling) in the global batch.
-        n_items = dist.all_sum(sum(count_targets(m["labels"], run.lm) for m in micro))
+        n_items = dist.all_sum(sum(count_targets(m["labels"], run.lm) for m in micro if m["real"]))
         step_loss = torch.zeros((), dtype=torch.float32)
         for i, batch in enumerate(micro):
+            real = batch.pop("real")
             batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or dist.world == 1 else run.net.no_sync()
-            with sync:
+            with spread.accumulating(run.net, last=i == len(micro) - 1):
                 with run.prec.autocast():
                     logits = run.net(**model_inputs(batch, run.lm, run.keep_logits)).logits
                 loss_sum = task_loss(logits, batch["labels"], run.lm, run.keep_logits)
-                # x world: DDP averages gradients over ranks, we want the global-batch mean.
-                scaled = loss_sum * (dist.world / n_items)
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                if not real:  # a stand-in that keeps this rank in step with the others; it adds nothing
+                    loss_sum = loss_sum * 0.0
+                # x world: DDP (and FSDP, ZeRO) average gradients over ranks, we want the global-batch mean.
+                spread.backward(loss_sum * (dist.world / n_items), scaler)
             step_loss += loss_sum.detach().float().cpu()
-            tokens = int(batch["attention_mask"].sum())
+            tokens = int(batch["attention_mask"].sum()) if real else 0
             state.tokens += tokens
             state.window.tokens += tokens
     except (RuntimeError, MemoryError) as e:
@@ -257,21 +258,33 @@ def train_step(run: Run, state: TrainState, global_ids: np.ndarray, log: RunLog)
         raise
     if scaler:
         scaler.unscale_(run.optimizer)
-    grad_norm = clip_gradients(run.optimizer, tc.max_grad_norm, fold=scaler is None, rows=run.row_grad)
+    grad_norm = spread.clip(run.optimizer, tc.max_grad_norm, fold=scaler is None, rows=run.row_grad)
+    # Every rank decides alike: the loss of the whole global batch, the norm of all gradients.
+    step_loss = torch.tensor(dist.all_sum(float(step_loss)))
     skipped = run.guard.skip(state.step + 1, step_loss, grad_norm, scaler is not None,
                              run.scheduler.get_last_lr()[0], log)
-    if not skipped:  # nothing non-finite reaches the optimizer (or the weights)
-        if scaler:
-            scaler.step(run.optimizer)
-            scaler.update()
-        else:
-            run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    spread.step(run.optimizer, run.scheduler, scaler, skip=skipped)
     state.step += 1
     state.compute_s += time.perf_counter() - t0
     if not skipped:
-        state.window.add(float(step_loss), float(grad_norm), n_items / dist.world)
+        state.window.add(float(step_loss), float(grad_norm), n_items)
+
+
+def micro_batches(run: Run, global_ids: np.ndarray) -> list[dict]:
+    """This rank's micro-batches of a global batch, each marked `real`. Every rank runs train.grad_accum of
+    them: where a short last batch leaves a rank fewer rows, stand-ins (the batch's first row, loss x 0) keep
+    the ranks' collectives in step (DDP's all-reduce, FSDP's gathers, DeepSpeed's accumulation count)."""
+    tc, dist = run.cfg.train, run.dist
+    parts = shard(global_ids, dist.rank, dist.world, tc.batch_size)
+    if dist.world > 1 or run.strategy.shards_parameters:
+        parts += [[]] * (tc.grad_accum - len(parts))
+    out = []
+    for ids in parts:
+        rows = ids if len(ids) else [int(global_ids[0])]
+        batch = collate(run.data.train.dataset[rows], run.tokenizer.pad_token_id, lm=run.lm)
+        batch["real"] = bool(len(ids))
+        out.append(batch)
+    return out
 
 
 def log_window(run: Run, state: TrainState, log: RunLog) -> None:
@@ -292,7 +305,8 @@ def run_eval(run: Run, state: TrainState, log: RunLog) -> dict:
     """Evaluate the validation split now; the result is logged and kept in the state's evaluations."""
     try:
         result = evaluate(run.model, run.data.validation, len(run.data.labels), run.prec, run.dist.device,
-                          run.tokenizer.pad_token_id, run.cfg.eval.batch_size, run.lm, run.gen_eval, run.keep_logits)
+                          run.tokenizer.pad_token_id, run.cfg.eval.batch_size, run.lm, run.gen_eval, run.keep_logits,
+                          run.dist, run.strategy.shards_parameters)
     except (RuntimeError, MemoryError) as e:
         faults.raise_if_oom(e, run.cfg, run.dist.device, faults.Where("eval", state.step))
         raise
@@ -313,8 +327,7 @@ def evaluate_and_keep_best(run: Run, state: TrainState, log: RunLog) -> None:
     value = result[cfg.metric]
     if math.isfinite(value) and metrics.improved(cfg.metric, value, state.best):
         state.best, state.best_step, state.best_metrics, state.bad_evals = value, step, result, 0
-        if run.dist.is_main:
-            artifact.save(run.model, run.tokenizer, run.run_dir)
+        export(run)
     else:
         state.bad_evals += 1
     log.print(f"step {step}: " + eval_line(run, result) + ("  [green]best" if state.best_step == step else ""))
@@ -324,11 +337,29 @@ def evaluate_and_keep_best(run: Run, state: TrainState, log: RunLog) -> None:
         state.stopped_early = True
 
 
+def export(run: Run) -> None:
+    """The model (or adapter) as a single process would save it: gathered whole on rank 0 when sharded
+    (every rank takes part), then written by rank 0 alone."""
+    whole = run.strategy.full_state_dict(run.model)
+    if run.dist.is_main:
+        artifact.save(run.model, run.tokenizer, run.run_dir, state_dict=whole)
+    run.dist.barrier()
+
+
+def describe(spread: strategy.Single) -> str:
+    d = spread.describe()
+    parts = [f"{d['mode']}", f"world size {d['world_size']}", f"backend {d['backend'] or 'none'}",
+             f"wrapper {d['wrapper']}", f"sharding {d['sharding']}", f"offload {d['offload']}"]
+    if d.get("zero_stage") is not None:
+        parts.insert(4, f"ZeRO stage {d['zero_stage']}")
+    return ", ".join(parts)
+
+
 def probe_perplexity(run: Run, state: TrainState) -> dict:
     """The forgetting probe: perplexity of the current model on general text."""
     try:
         return evaluate(run.model, run.probe, 0, run.prec, run.dist.device, run.tokenizer.pad_token_id,
-                        run.cfg.eval.batch_size, lm=True)
+                        run.cfg.eval.batch_size, lm=True, dist=run.dist, synced=run.strategy.shards_parameters)
     except (RuntimeError, MemoryError) as e:
         faults.raise_if_oom(e, run.cfg, run.dist.device, faults.Where("eval", state.step))
         raise
@@ -349,8 +380,8 @@ def before_training(run: Run, state: TrainState, log: RunLog) -> None:
 
 def after_training(run: Run, state: TrainState) -> dict | None:
     """The model without validation is saved as trained; the forgetting probe again; every rank meets."""
-    if run.data.validation is None and run.dist.is_main:
-        artifact.save(run.model, run.tokenizer, run.run_dir)
+    if run.data.validation is None:
+        export(run)
     forgot = None
     if run.probe is not None and state.probe_before is not None:
         forgot = forgetting.report(state.probe_before, probe_perplexity(run, state), run.probe, state.step)
@@ -373,6 +404,7 @@ def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forg
         "trainable_params": run.trainable, "total_params": run.total, "peak_rss_mb": round(peak_rss_mb(), 1),
         "best_step": state.best_step, "best_metric": run.cfg.metric, "best_metrics": state.best_metrics,
         "stopped_early": state.stopped_early, "evals": state.evals, "world_size": dist.world,
+        "distributed": run.strategy.describe(),
         "heap_kept_mapped": run.heap_tuned, "embedding_rows_buffered": run.row_grad is not None,
         "last_layer_first_token_only": pruned, "quantized_base": is_quantized(model),
         "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
@@ -421,60 +453,54 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, lm: bool, kept: bool =
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fold: bool,
-                   rows: embedding_grad.RowGradBuffer | None = None) -> torch.Tensor:
-    """Total gradient norm, clipped to `max_norm`.
-
-    With fused AdamW the clip factor is folded into the optimizer's `grad_scale` (its kernel divides
-    each gradient by it while updating), saving a read-modify-write pass over every gradient. A
-    row-buffered embedding gradient adds only its written rows to the norm (the rest are zeros).
-    """
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([rows.written() if rows is not None and p.grad is rows.buffer else p.grad
-                                          for p in params])
-    if not max_norm:
-        return norm
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    if fold and optimizer.defaults.get("fused"):
-        optimizer.grad_scale = (1.0 / coef).to(torch.float32)  # type: ignore[attr-defined]
-    else:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, num_labels: int, prec: precision.Precision,
              device: torch.device, pad_id: int, batch_size: int = 64, lm: bool = False,
-             gen: GenerationEval | None = None, keep_logits: bool = False) -> dict:
-    """Loss and task metrics over a split (every rank sees the whole split).
+             gen: GenerationEval | None = None, keep_logits: bool = False, dist: Dist | None = None,
+             synced: bool = False) -> dict:
+    """Loss and task metrics over a split, sharded over the processes of `dist` (each rank scores every
+    world-th batch; sums and predictions are gathered, so every rank returns the same result).
 
     classification: loss per example, accuracy/precision/recall/F1. causal_lm / sft: loss per target
     token and perplexity = exp(loss); with `gen`, also answers generated for a sample of prompts,
     scored by exact match and label accuracy (evaluation/generation.py).
+    synced: the parameters are sharded (FSDP, ZeRO-3), so a forward pass needs every rank: each runs as
+    many batches (stand-ins, whose results are dropped, fill the difference).
     """
     was_training = model.training
     model.eval()
     ds = split.dataset
+    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
     preds, golds, loss_sum, count = [], [], 0.0, 0
     # Full language-model logits are rows x length x vocabulary (32 x 256 x 49,152 fp32 is 1.6 GB, and
     # the loss makes another copy): batches are capped so that they stay near LM_LOGITS_BUDGET values.
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32_000
     max_tokens = LM_LOGITS_BUDGET // vocab if lm and not keep_logits else None
-    for ids in eval_batches(ds["length"], batch_size, max_tokens):
+    batches = eval_batches(ds["length"], batch_size, max_tokens)
+    mine = batches[rank::world]
+    filler = (-(-len(batches) // world) - len(mine)) if synced else 0
+    for j, ids in enumerate(mine + batches[:1] * filler):
         batch = {k: v.to(device) for k, v in collate(ds[ids], pad_id, lm=lm).items()}
         with prec.autocast():
             logits = model(**model_inputs(batch, lm, keep_logits)).logits
+        if j >= len(mine):
+            continue
         loss_sum += float(task_loss(logits, batch["labels"], lm, keep_logits))
         count += count_targets(batch["labels"], lm)
         if not lm:
             preds += logits.argmax(-1).tolist()
             golds += batch["labels"].tolist()
+    if world > 1:
+        loss_sum, count = dist.all_sum(loss_sum), int(dist.all_sum(count))
+        if not lm:
+            parts = dist.gather_objects((preds, golds))
+            preds, golds = [p for part in parts for p in part[0]], [g for part in parts for g in part[1]]
     loss = loss_sum / max(count, 1)
     if lm:
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if gen is not None:
             result.update(generation.score(model, gen.tokenizer, gen.prompts, gen.references, gen.max_new_tokens,
-                                           batch_size, prec.autocast))
+                                           batch_size, prec.autocast, dist=dist, synced=synced))
         model.train(was_training)
         return result
     model.train(was_training)

@@ -24,8 +24,11 @@ MAX_LABELS = 50
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
              max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             batch_size: int = 16, autocast=None) -> list[tuple[list[int], bool]]:
-    """New token ids for each prompt (EOS and everything after it removed), and whether EOS came."""
+             batch_size: int = 16, autocast=None, synced: bool = False) -> list[tuple[list[int], bool]]:
+    """New token ids for each prompt (EOS and everything after it removed), and whether EOS came.
+
+    synced: the parameters are sharded over processes (FSDP, ZeRO-3), so every rank runs every decoding step
+    until all ranks are done (transformers' `synced_gpus`); every rank must pass as many prompts."""
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
@@ -43,6 +46,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
             mask[row, width - len(prompts[i]):] = 1
         kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "eos_token_id": eos,
                   "pad_token_id": pad}
+        if synced:
+            kwargs["synced_gpus"] = True
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
         else:  # the model's generation_config may ask for sampling; greedy means greedy
@@ -90,10 +95,22 @@ def label_accuracy(answers: list[str], references: list[str]) -> float | None:
 
 
 def score(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-          references: list[str], max_new_tokens: int, batch_size: int, autocast=None) -> dict:
-    """exact_match and label_accuracy of greedy answers, plus a few samples to look at."""
-    new = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, autocast=autocast)
-    answers = [tokenizer.decode(x, skip_special_tokens=True) for x, _ in new]
+          references: list[str], max_new_tokens: int, batch_size: int, autocast=None, dist=None,
+          synced: bool = False) -> dict:
+    """exact_match and label_accuracy of greedy answers, plus a few samples to look at.
+
+    dist (engine.distributed.Dist): each of several processes answers every world-th prompt, then all
+    answers are gathered; synced: see `generate`."""
+    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
+    mine = list(range(rank, len(prompts), world))
+    filler = -(-len(prompts) // world) - len(mine)  # every rank generates as many prompts (answers dropped)
+    new = generate(model, tokenizer, [prompts[i] for i in mine] + [prompts[0]] * filler, max_new_tokens,
+                   batch_size=batch_size, autocast=autocast, synced=synced)[:len(mine)]
+    by_row = dict(zip(mine, (tokenizer.decode(x, skip_special_tokens=True) for x, _ in new)))
+    if world > 1:
+        for part in dist.gather_objects(by_row):
+            by_row.update(part)
+    answers = [by_row[i] for i in range(len(prompts))]
     result = {"exact_match": exact_match(answers, references), "generated_rows": len(answers),
               "samples": [{"answer": a, "reference": r} for a, r in zip(answers[:3], references[:3])]}
     acc = label_accuracy(answers, references)

@@ -167,7 +167,13 @@ class BottleneckAdapterModel(nn.Module):
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: p.detach().cpu().contiguous() for k, p in self.saved_parameters().items()}
+        saved = self.saved_parameters()
+        whole = kwargs.get("state_dict")  # the whole model's tensors, when this process holds a shard (FSDP)
+        if whole is not None:
+            name_of = {id(p): n for n, p in self.named_parameters()}
+            tensors = {k: whole[name_of[id(p)]].detach().cpu().contiguous() for k, p in saved.items()}
+        else:
+            tensors = {k: p.detach().cpu().contiguous() for k, p in saved.items()}
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         meta = {
             "peft_type": PEFT_TYPE, "library": "deltatune", "format_version": 1,
