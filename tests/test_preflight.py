@@ -29,6 +29,12 @@ def nothing_loads(monkeypatch):
     ({"method.name": "qlora", "method.init": "pissa"}, r"qlora with method.init=pissa.*Fix: method.init=default"),
     ({"data.validation": None, "eval.patience": 2}, r"eval.patience=2 needs validation data.*Fix: set "
                                                     r"data.validation"),
+    ({"train.offload": "all"}, r"train.offload=all needs a sharding engine.*Fix: set train.distributed=fsdp"),
+    ({"train.distributed": "ddp", "train.deepspeed_config": "ds.json"},
+     r"deepspeed_config=ds.json is read only by DeepSpeed, but train.distributed=ddp"),
+    ({"train.distributed": "deepspeed", "train.deepspeed_config": "missing.json"}, r"missing.json does not exist"),
+    ({"train.distributed": "fsdp", "train.compile": True}, r"train.compile=true is not supported with "
+                                                           r"train.distributed=fsdp"),
 ])
 def test_impossible_combinations_fail_before_loading(make_config, nothing_loads, overrides, expected):
     cfg = make_config(**overrides)

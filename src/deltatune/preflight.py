@@ -25,6 +25,7 @@ def run(cfg, resuming: bool = False) -> None:
     _evaluation(cfg)
     _packing(cfg)
     _remote_code(cfg)
+    _distributed(cfg)
     _finished_run(cfg, resuming)
 
 
@@ -36,6 +37,27 @@ def _metric_and_method(cfg) -> None:
     if cfg.task not in method.tasks:
         raise ConfigError(f"method.name={cfg.method.name} does not support task `{cfg.task}`: {method.why_not_task} "
                           f"Fix: use one of the methods listed by `deltatune methods` for {cfg.task}.")
+
+
+def _distributed(cfg) -> None:
+    """Options of one engine asked of another, and a missing engine: refused, never ignored."""
+    tc = cfg.train
+    mode = tc.distributed
+    if tc.offload != "none" and mode not in ("fsdp", "deepspeed"):
+        raise ConfigError(f"train.offload={tc.offload} needs a sharding engine: train.distributed={mode} keeps every "
+                          f"state on the device. Fix: set train.distributed=fsdp or deepspeed, or train.offload=none.")
+    if tc.deepspeed_config and mode != "deepspeed":
+        raise ConfigError(f"train.deepspeed_config={tc.deepspeed_config} is read only by DeepSpeed, but "
+                          f"train.distributed={mode}. Fix: set train.distributed=deepspeed, or remove the key.")
+    if tc.deepspeed_config and not Path(tc.deepspeed_config).is_file():
+        raise ConfigError(f"train.deepspeed_config: {tc.deepspeed_config} does not exist. Fix: give the path of a "
+                          f"DeepSpeed JSON file.")
+    if mode == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("train.distributed=deepspeed: the deepspeed package is not installed. Fix: `pip install "
+                          "deepspeed` (make setup installs it), or use train.distributed=fsdp, which needs only torch.")
+    if mode in ("fsdp", "deepspeed") and tc.compile:
+        raise ConfigError(f"train.compile=true is not supported with train.distributed={mode} here (the sharded "
+                          f"module's hooks break the compiled graph). Fix: set train.compile=false.")
 
 
 def _finished_run(cfg, resuming: bool) -> None:

@@ -402,6 +402,7 @@ def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forg
         "tokens": int(dist.all_sum(state.tokens)),
         "tokens_per_s": round(dist.all_sum(state.tokens) / max(state.compute_s, 1e-9), 1),
         "trainable_params": run.trainable, "total_params": run.total, "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb_per_rank": dist.gather_objects(round(peak_rss_mb(), 1)),
         "best_step": state.best_step, "best_metric": run.cfg.metric, "best_metrics": state.best_metrics,
         "stopped_early": state.stopped_early, "evals": state.evals, "world_size": dist.world,
         "distributed": run.strategy.describe(),
