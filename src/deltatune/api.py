@@ -164,7 +164,7 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
             console.print(summary_table(summary))
         return summary
     finally:
-        distributed.teardown(dist)
+        distributed.teardown(dist, ok=sys.exc_info()[1] is None)  # no barrier while an exception propagates
 
 
 # What a run directory holds; output.overwrite replaces only a directory with some of these in it.

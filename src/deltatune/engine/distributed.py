@@ -73,8 +73,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def teardown(d: Dist) -> None:
-    # FSDP2/DDP ranks can abort at exit unless they meet at a barrier and destroy the group.
+def teardown(d: Dist, ok: bool = True) -> None:
+    """Leave the process group. The barrier (FSDP2/DDP ranks can abort at exit unless they meet) only after
+    success: a rank leaving on an error, Ctrl-C or SIGTERM may have peers inside another collective, or dead,
+    and a barrier there deadlocks until gloo's timeout (torchrun SIGKILLs after 30 s, losing the message)."""
     if dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
