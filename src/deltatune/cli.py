@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -28,22 +29,66 @@ def train(
     print_config: Annotated[bool, typer.Option("--print-config", help="show the resolved config and exit")] = False,
     resume: Annotated[str | None, typer.Option("--resume", help="`auto` (newest checkpoint in output.dir, else "
                                                "start fresh) or a checkpoint directory")] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", help="processes on this node; more than 1 starts them "
+                                              "with torchrun (see docs/distributed.md)")] = None,
+    nnodes: Annotated[int | None, typer.Option("--nnodes", help="nodes in the job (run this command on each)")]
+    = None,
+    node_rank: Annotated[int | None, typer.Option("--node-rank", help="this node: 0 at --rdzv-endpoint, "
+                                                  "1..nnodes-1 elsewhere")] = None,
+    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of node 0, reachable "
+                                                      "from every node")] = None,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes a run directory (output.dir)."""
-    cfg = _load_config(config, overrides)
+    from deltatune import launch
+
+    topology = launch.Topology.from_flags(nproc, nnodes, node_rank, rdzv_endpoint)
+    cfg = _load_config(config, overrides)  # checked once here, before any process starts
     if print_config:
         out.print(cfg.to_yaml(), end="", markup=False, highlight=False)
         return
-    import shlex
+    args = [*([str(config)] if config else []), *(overrides or [])]
+    if topology.launches:
+        _launch(args, resume, topology, cfg.output.dir)
+        return
+    _train_here(cfg, resume, args)
 
-    from deltatune import api
+
+def _train_here(cfg, resume: str | None, args: list[str]) -> None:
+    """Train in this process: alone, or as one rank that torchrun started."""
+    from deltatune import api, launch
     from deltatune.engine.faults import Terminated
 
-    again = shlex.join(["deltatune", "train", *([str(config)] if config else []), *(overrides or []),
-                        "--resume", "auto"])
     try:
-        api.train(cfg, resume=resume, resume_command=again)
+        api.train(cfg, resume=resume, resume_command=launch.resume_command(args))
     except KeyboardInterrupt:  # api.train said where the run stands; exit as the shell expects (128 + signal)
+        raise typer.Exit(130) from None
+    except Terminated:
+        raise typer.Exit(143) from None
+    except DeltatuneError as e:
+        launch.record_error(e)  # under torchrun: its failure summary names this rank's cause
+        raise
+    except RuntimeError as e:  # another rank died: one line, not gloo's traceback (the launcher names the cause)
+        if launch.lost_peer(e) is None:
+            raise
+        launch.record_error(e)
+        err.print(f"[bold red]error:[/] rank {os.environ.get('RANK', '0')} lost its connection to another rank "
+                  f"(gloo: {launch.lost_peer(e)}): another rank stopped; its message, or the launcher's, names the "
+                  f"cause.", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _launch(args: list[str], resume: str | None, topology, output_dir: str) -> None:
+    """Start the ranks with torchrun and wait; a failed rank becomes one sentence and its exit code."""
+    from deltatune import launch
+    from deltatune.engine.faults import Terminated
+
+    try:
+        launch.run(args, resume, topology)
+    except launch.RankFailed as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}\n  {escape(launch.next_step(output_dir, args, topology))}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:  # the ranks got the signal too and said where the run stands
         raise typer.Exit(130) from None
     except Terminated:
         raise typer.Exit(143) from None
