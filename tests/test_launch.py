@@ -153,6 +153,9 @@ def test_the_failure_sentence_names_the_cause_not_the_casualties(tmp_path):
     text, _ = launch.describe({0: failure(tmp_path, 0, 1, lost)}, launch.Topology(1, 2, 0, "h:1"))
     assert "rank 0 (pid 1000) lost its connection to another rank (gloo: connection closed by peer)" in text
     assert "no rank on this node (node 0) failed by itself, so the cause is on another node" in text
+    # what our ranks do: exit PEER_LOST_EXIT without an error file; observed later, or in the same second
+    text, code = launch.describe({0: failure(tmp_path, 0, launch.PEER_LOST_EXIT), 1: failure(tmp_path, 1, -9)})
+    assert text.startswith("training stopped: rank 1 (pid 1001) was killed by SIGKILL") and code == 1
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -70,11 +70,10 @@ def _train_here(cfg, resume: str | None, args: list[str]) -> None:
     except RuntimeError as e:  # another rank died: one line, not gloo's traceback (the launcher names the cause)
         if launch.lost_peer(e) is None:
             raise
-        launch.record_error(e)
         err.print(f"[bold red]error:[/] rank {os.environ.get('RANK', '0')} lost its connection to another rank "
                   f"(gloo: {launch.lost_peer(e)}): another rank stopped; its message, or the launcher's, names the "
                   f"cause.", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(launch.PEER_LOST_EXIT) from None
 
 
 def _launch(args: list[str], resume: str | None, topology, output_dir: str) -> None:

@@ -25,6 +25,9 @@ from deltatune.errors import DeltatuneError
 
 LAUNCH_ENV = "DELTATUNE_LAUNCH"  # the launch flags, for the resume command a rank prints (see resume_command)
 # Gloo's words when the other end of a collective went away: this rank is a casualty, not the cause.
+# A rank's exit code when its collective lost a peer: a casualty. No error file is written for it, so that
+# torchrun's own "first observed failure" (whole seconds) names the rank that died, not this one.
+PEER_LOST_EXIT = 3
 PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote worker crashing")
 
 
@@ -207,7 +210,7 @@ def lost_peer(message: object) -> str | None:
 
 def _lost_peer(failure) -> bool:
     """A rank stopped by torchrun (SIGTERM) or by a collective whose peer died: a casualty, not a cause."""
-    return failure.exitcode == -signal.SIGTERM or lost_peer(failure.message) is not None
+    return failure.exitcode in (-signal.SIGTERM, PEER_LOST_EXIT) or lost_peer(failure.message) is not None
 
 
 def _one(rank: int, failure) -> str:
@@ -220,6 +223,8 @@ def _one(rank: int, failure) -> str:
         return f"{who} was killed by {name}{hint}"
     if lost_peer(failure.message):
         return f"{who} lost its connection to another rank (gloo: {lost_peer(failure.message)})"
+    if failure.exitcode == PEER_LOST_EXIT:
+        return f"{who} lost its connection to another rank"
     if failure.error_file_data.get("message") not in (None, "<NONE>") and cause:
         return f"{who} failed with exit code {failure.exitcode}: {cause}"
     return f"{who} exited with code {failure.exitcode} (its own output above says why)"
