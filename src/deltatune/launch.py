@@ -24,10 +24,10 @@ from pathlib import Path
 from deltatune.errors import DeltatuneError
 
 LAUNCH_ENV = "DELTATUNE_LAUNCH"  # the launch flags, for the resume command a rank prints (see resume_command)
-# Gloo's words when the other end of a collective went away: this rank is a casualty, not the cause.
 # A rank's exit code when its collective lost a peer: a casualty. No error file is written for it, so that
 # torchrun's own "first observed failure" (whole seconds) names the rank that died, not this one.
 PEER_LOST_EXIT = 3
+# Gloo's words when the other end of a collective went away: this rank is a casualty, not the cause.
 PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote worker crashing")
 
 
