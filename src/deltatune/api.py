@@ -121,6 +121,10 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
             _prepare_run_dir(cfg, run_dir, resume_from, fresh_ok=resume == "auto", lock=lock,
                              wrote=progress["wrote"])
         dist.barrier()
+        if dist.world > 1 and cfg.train.save_every and not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"output.dir={run_dir}: rank {dist.rank} does not see the run directory rank 0 wrote "
+                              f"(config.yaml). Checkpoints are written by every rank into it: put output.dir on a "
+                              f"directory shared by every node (same path), or unset train.save_every.")
         t0 = time.perf_counter()
         loop.seed_everything(cfg.train.seed)
         tokenizer = models.load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
