@@ -64,6 +64,7 @@ class DeepSpeedZero(Single):
         self.shards_parameters = self.stage == 3
         self.offload = offload_words(zero)
         self.engine = None  # deepspeed.DeepSpeedEngine, after wrap
+        self.param_counts: list[int] = []  # parameters per optimizer group, whole model (set by wrap)
 
     def describe(self) -> dict:
         return {**super().describe(), "wrapper": f"{self.wrapper} {ds_version()}", "zero_stage": self.stage,
@@ -73,6 +74,8 @@ class DeepSpeedZero(Single):
     def wrap(self, model, make_optimizer, make_scheduler):
         deepspeed = import_deepspeed(self.dist)
         optimizer = make_optimizer(model)
+        # Whole-model sizes of the groups: after initialize they hold only this rank's flat partition.
+        self.param_counts = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
         # Built on the client optimizer: ZeRO keeps its param_group dicts (and so the `lr` the schedule sets).
         scheduler = make_scheduler(optimizer)
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))  # DeepSpeed asserts torchrun's variable
@@ -168,6 +171,9 @@ def import_deepspeed(dist):
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != want:  # imported earlier (accelerate imports it) and guessed otherwise
+        raise ConfigError(f"DeepSpeed chose accelerator {get_accelerator().device_name()}, but this run computes on "
+                          f"{want}. Fix: set DS_ACCELERATOR={want} before starting deltatune.")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the run's own log
     # torch deprecates two collectives DeepSpeed 0.19 calls on every gather: noise in the run's log.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
