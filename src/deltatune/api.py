@@ -46,6 +46,8 @@ def train(cfg: RunConfig, resume: str | None = None, resume_command: str | None 
     output.overwrite comes back if the new one fails before its first save. On SIGINT/SIGTERM the user is
     told where the last checkpoint is and `resume_command` (default: one naming output.dir).
     """
+    # deepspeed, once installed, is imported by accelerate inside every save_pretrained: it need not guess the device.
+    os.environ.setdefault("DS_ACCELERATOR", precision.default_device().type)
     run_dir = Path(cfg.output.dir)
     lock = runlock.acquire(run_dir, _command_line()) if os.environ.get("RANK", "0") == "0" else None
     progress: dict = {"started": False, "wrote": []}

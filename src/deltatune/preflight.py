@@ -55,6 +55,10 @@ def _distributed(cfg) -> None:
     if mode == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("train.distributed=deepspeed: the deepspeed package is not installed. Fix: `pip install "
                           "deepspeed` (make setup installs it), or use train.distributed=fsdp, which needs only torch.")
+    if mode == "deepspeed" and not tc.deepspeed_config and tc.offload == "all" and tc.zero_stage != 3:
+        raise ConfigError(f"train.offload=all moves the parameters to CPU memory, which only ZeRO stage 3 "
+                          f"partitions (train.zero_stage={tc.zero_stage}). Fix: set train.zero_stage=3, or "
+                          f"train.offload=optimizer (optimizer state only).")
     if mode in ("fsdp", "deepspeed") and tc.compile:
         raise ConfigError(f"train.compile=true is not supported with train.distributed={mode} here (the sharded "
                           f"module's hooks break the compiled graph). Fix: set train.compile=false.")

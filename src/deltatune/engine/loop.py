@@ -143,7 +143,9 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     """Set up, then steps, logging windows, evaluations and checkpoints until the last step; the summary."""
     run, state = setup(model, tokenizer, data, cfg, run_dir, dist, lr_scale)
     with (RunLog(run_dir, dist.is_main, run.total_steps) as log,
-          embedding_grad.row_buffered(model, dist.world) as run.row_grad,
+          # The buffer replaces weight.grad, which only the plain torch path reads (not DeepSpeed's or FSDP's hooks).
+          embedding_grad.row_buffered(model, dist.world if run.strategy.name in ("single", "ddp") else 0)
+          as run.row_grad,
           first_token.first_token_only(model, cfg.task) as (pruned, pruned_why)):
         if resume is not None:
             run.saver.restore(resume, tokenizer, log, state)
@@ -261,7 +263,9 @@ def train_step(run: Run, state: TrainState, global_ids: np.ndarray, log: RunLog)
     grad_norm = spread.clip(run.optimizer, tc.max_grad_norm, fold=scaler is None, rows=run.row_grad)
     # Every rank decides alike: the loss of the whole global batch, the norm of all gradients.
     step_loss = torch.tensor(dist.all_sum(float(step_loss)))
-    skipped = run.guard.skip(state.step + 1, step_loss, grad_norm, scaler is not None,
+    # An fp16 overflow is loss scaling at work (torch's GradScaler, or DeepSpeed's own), not a fault.
+    scaled = scaler is not None or (spread.owns_loss_scaling and run.prec.name == "fp16")
+    skipped = run.guard.skip(state.step + 1, step_loss, grad_norm, scaled,
                              run.scheduler.get_last_lr()[0], log)
     spread.step(run.optimizer, run.scheduler, scaler, skip=skipped)
     state.step += 1
@@ -408,8 +412,9 @@ def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forg
         "distributed": run.strategy.describe(),
         "heap_kept_mapped": run.heap_tuned, "embedding_rows_buffered": run.row_grad is not None,
         "last_layer_first_token_only": pruned, "quantized_base": is_quantized(model),
-        "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
-                          "params": sum(p.numel() for p in g["params"])} for g in run.optimizer.param_groups],
+        "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"], "params": n}
+                         for g, n in zip(run.optimizer.param_groups, run.strategy.param_counts(run.optimizer),
+                                         strict=True)],
         "attention": getattr(model.config, "_attn_implementation", None),
         "gradient_checkpointing": run.cfg.train.gradient_checkpointing,
         "skipped_steps": state.skips.skipped, "resumed_from": str(resume) if resume else None,

@@ -49,6 +49,10 @@ class Single:
         return {"mode": self.name, "world_size": self.dist.world, "backend": self.dist.backend,
                 "wrapper": self.wrapper, "zero_stage": None, "sharding": "none", "offload": "none"}
 
+    def param_counts(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """Whole-model parameters in each optimizer group (sharding engines hold only this rank's part)."""
+        return [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+
     def wrap(self, model: torch.nn.Module, make_optimizer: MakeOptimizer, make_scheduler: MakeScheduler
              ) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
         optimizer = make_optimizer(model)

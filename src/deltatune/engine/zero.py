@@ -64,18 +64,21 @@ class DeepSpeedZero(Single):
         self.shards_parameters = self.stage == 3
         self.offload = offload_words(zero)
         self.engine = None  # deepspeed.DeepSpeedEngine, after wrap
-        self.param_counts: list[int] = []  # parameters per optimizer group, whole model (set by wrap)
+        self.group_sizes: list[int] = []  # parameters per optimizer group, whole model (set by wrap)
 
     def describe(self) -> dict:
         return {**super().describe(), "wrapper": f"{self.wrapper} {ds_version()}", "zero_stage": self.stage,
                 "sharding": SHARDING[self.stage], "offload": self.offload,
                 "config": f"user JSON {self.user_json}" if self.user_json else "built"}
 
+    def param_counts(self, optimizer) -> list[int]:
+        return self.group_sizes
+
     def wrap(self, model, make_optimizer, make_scheduler):
         deepspeed = import_deepspeed(self.dist)
         optimizer = make_optimizer(model)
         # Whole-model sizes of the groups: after initialize they hold only this rank's flat partition.
-        self.param_counts = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+        self.group_sizes = super().param_counts(optimizer)
         # Built on the client optimizer: ZeRO keeps its param_group dicts (and so the `lr` the schedule sets).
         scheduler = make_scheduler(optimizer)
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))  # DeepSpeed asserts torchrun's variable
