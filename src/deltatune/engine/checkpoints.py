@@ -170,6 +170,8 @@ def resolve(cfg, resume: str | None) -> Path | None:
             raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {STATE}; a checkpoint whose "
                               f"writer was killed is never used). Fix: --resume auto picks the newest complete one.")
     saved = read_state(path)
+    # Before anything is removed for this resume (newer checkpoints of the branch it abandons).
+    check_world(path, saved, cfg, int(os.environ.get("WORLD_SIZE", "1")))
     diff = config_diff(saved["config"], config_view(cfg))
     if diff:
         raise ConfigError(f"--resume {path}: the config differs from the one this checkpoint was written with:\n"
@@ -177,6 +179,25 @@ def resolve(cfg, resume: str | None) -> Path | None:
                           + "  An exact resume needs the same settings. Fix: resume with the checkpoint's values "
                             "(see its run's config.yaml), or start a new run in another output.dir.")
     return path
+
+
+def check_world(path: Path, meta: dict, cfg, world: int, mode: str | None = None) -> None:
+    """An exact resume sees the same global batches (train.batch_size x train.grad_accum x processes) and
+    reads the checkpoint's own format: the same number of processes and the same train.distributed
+    (`mode`: the strategy now running; single and ddp checkpoints are the same format)."""
+    was = meta["world_size"]
+    written = (meta.get("distributed") or {}).get("mode", "ddp" if was > 1 else "single")
+    if mode is not None and written != mode and {written, mode} != {"single", "ddp"}:
+        raise ConfigError(f"--resume {path}: written by train.distributed={written}, resumed with "
+                          f"{mode}; their checkpoints differ. Fix: resume with "
+                          f"train.distributed={written} and {was} process(es).")
+    if was != world:
+        tc = cfg.train
+        raise ConfigError(f"--resume {path}: written by {was} process(es), resumed with {world}: the global batch "
+                          f"(train.batch_size x train.grad_accum x processes) would change from "
+                          f"{tc.batch_size * tc.grad_accum * was} to {tc.batch_size * tc.grad_accum * world}, and "
+                          f"with it every later step. Fix: resume with --nproc {was} (the same number of "
+                          f"processes in all).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,23 +309,6 @@ class Saver:
             shutil.rmtree(tmp, ignore_errors=True)
             raise failure from None
 
-    def check_world(self, path: Path, meta: dict) -> None:
-        """An exact resume sees the same global batches (train.batch_size x train.grad_accum x processes) and
-        reads the checkpoint's own format: the same number of processes and the same train.distributed."""
-        was, now = meta["world_size"], self.dist.world
-        written = (meta.get("distributed") or {}).get("mode", "ddp" if was > 1 else "single")
-        if written != self.spread.name and {written, self.spread.name} != {"single", "ddp"}:
-            raise ConfigError(f"--resume {path}: written by train.distributed={written}, resumed with "
-                              f"{self.spread.name}; their checkpoints differ. Fix: resume with "
-                              f"train.distributed={written} and {was} process(es).")
-        if was != now:
-            tc = self.cfg.train
-            raise ConfigError(f"--resume {path}: written by {was} process(es), resumed with {now}: the global batch "
-                              f"(train.batch_size x train.grad_accum x processes) would change from "
-                              f"{tc.batch_size * tc.grad_accum * was} to {tc.batch_size * tc.grad_accum * now}, and "
-                              f"with it every later step. Fix: resume with --nproc {was} (the same number of "
-                              f"processes in all).")
-
     def rotate(self, best_step: int) -> None:
         done = complete(self.dir)
         keep = set(done[-self.cfg.train.keep_last:]) | {p for p in done if step_of(p) == best_step}
@@ -319,7 +323,7 @@ class Saver:
             raise ConfigError(f"--resume {path}: this checkpoint was written by an older deltatune, whose trainer "
                               f"state this version does not read. Fix: start the run over (output.overwrite=true), "
                               f"or finish it with the deltatune version that wrote it.")
-        self.check_world(path, meta)
+        check_world(path, meta, self.cfg, self.dist.world, self.spread.name)
         if meta["total_steps"] != self.total_steps or meta["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"--resume {path}: the run had {meta['total_steps']} steps of "
                               f"{meta['steps_per_epoch']} per epoch, now {self.total_steps} of {self.steps_per_epoch}"

@@ -34,7 +34,8 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 def last_layer(model: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     """The last encoder layer to prune, or None and why not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = type(base).__name__
+    # FSDP2 renames the root's class FSDP<name> (a subclass): the head is the class it derives from.
+    name = next((c.__name__ for c in type(base).__mro__ if c.__name__ in FIRST_TOKEN_HEADS), type(base).__name__)
     if name not in FIRST_TOKEN_HEADS:
         return None, f"{name} is not a first-token classifier"
     config = base.config

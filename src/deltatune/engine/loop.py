@@ -35,10 +35,11 @@ from deltatune.config import RunConfig
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data import DataBundle, Split
 from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
-from deltatune.engine import artifact, checkpoints, embedding_grad, faults, first_token, optim, precision, strategy
+from deltatune.engine import artifact, checkpoints, embedding_grad, faults, first_token, modes, optim, precision
 from deltatune.engine.distributed import Dist
 from deltatune.engine.killpoints import kill_point
 from deltatune.engine.report import RunLog, console
+from deltatune.engine.strategy import Single
 from deltatune.engine.train_state import TrainState
 from deltatune.evaluation import forgetting, generation, metrics
 from deltatune.methods import count_parameters
@@ -110,7 +111,7 @@ class Run:
     """What stays fixed for one run (built by `setup`); what changes as it trains is the TrainState."""
     model: torch.nn.Module
     net: torch.nn.Module  # what the step calls: the model as the strategy wrapped it, compiled when configured
-    strategy: strategy.Single  # how the model, gradients and optimizer spread over processes (engine/strategy.py)
+    strategy: Single  # how the model, gradients and optimizer spread over processes (engine/strategy.py)
     tokenizer: object
     data: DataBundle
     cfg: RunConfig
@@ -188,7 +189,7 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     total_steps = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
     trainable, total = count_parameters(model)  # before sharding: the whole model's counts
     # The optimizer is built after wrapping: sharding (FSDP2) replaces the parameters it must hold.
-    spread = strategy.choose(cfg, dist, prec)
+    spread = modes.choose(cfg, dist, prec)
     net, optimizer, scheduler = spread.wrap(model, lambda m: optim.build_optimizer(m, tc, dist.device, lr_scale),
                                             lambda opt: optim.build_scheduler(opt, tc, total_steps))
     scaler = None if spread.owns_loss_scaling else prec.scaler()
@@ -350,7 +351,7 @@ def export(run: Run) -> None:
     run.dist.barrier()
 
 
-def describe(spread: strategy.Single) -> str:
+def describe(spread: Single) -> str:
     d = spread.describe()
     parts = [f"{d['mode']}", f"world size {d['world_size']}", f"backend {d['backend'] or 'none'}",
              f"wrapper {d['wrapper']}", f"sharding {d['sharding']}", f"offload {d['offload']}"]

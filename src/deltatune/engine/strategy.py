@@ -10,7 +10,7 @@ The loop (engine/loop.py) never asks which engine it runs on; it asks the strate
 
 `Single` is one process; `DDP` replicates the model and all-reduces gradients (gloo on CPU, nccl on
 GPU); `engine/fsdp.py` shards parameters, gradients and optimizer state per transformer block (FSDP2);
-`engine/zero.py` hands the model to DeepSpeed's own engine (ZeRO 1/2/3). `choose` picks one from
+`engine/zero.py` hands the model to DeepSpeed's own engine (ZeRO 1/2/3). `engine/modes.py` picks one from
 `train.distributed` and the world size, and refuses (never falls back) when the request cannot run.
 What actually runs is `describe()`: printed at start and recorded in summary.json.
 """
@@ -26,7 +26,6 @@ import torch
 from deltatune.engine.checkpoints import trainable
 from deltatune.engine.distributed import Dist
 from deltatune.engine.embedding_grad import RowGradBuffer
-from deltatune.errors import ConfigError
 
 MakeOptimizer = Callable[[torch.nn.Module], torch.optim.Optimizer]
 MakeScheduler = Callable[[torch.optim.Optimizer], object]
@@ -152,23 +151,3 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None, fol
     else:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
-
-
-
-def choose(cfg, dist: Dist, prec) -> Single:
-    """The strategy `train.distributed` asks for at this world size; a request that cannot run is refused."""
-    mode = cfg.train.distributed
-    if mode == "auto":
-        mode = "ddp" if dist.world > 1 else "single"
-    if mode == "fsdp":
-        from deltatune.engine.fsdp import FSDP
-
-        return FSDP(dist, cfg, prec)
-    if mode == "deepspeed":
-        from deltatune.engine.zero import DeepSpeedZero
-
-        return DeepSpeedZero(dist, cfg, prec)
-    if mode == "ddp" and dist.world == 1:
-        raise ConfigError("train.distributed=ddp needs more than one process (WORLD_SIZE=1). Fix: launch with "
-                          "`deltatune train CONFIG --nproc N` (or torchrun), or set train.distributed=auto.")
-    return DDP(dist, cfg, prec) if mode == "ddp" else Single(dist, cfg, prec)
