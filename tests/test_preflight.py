@@ -35,6 +35,11 @@ def nothing_loads(monkeypatch):
     ({"train.distributed": "deepspeed", "train.deepspeed_config": "missing.json"}, r"missing.json does not exist"),
     ({"train.distributed": "fsdp", "train.compile": True}, r"train.compile=true is not supported with "
                                                            r"train.distributed=fsdp"),
+    ({"train.distributed": "deepspeed", "method.name": "qlora"}, r"qlora with train.distributed=deepspeed.*Fix: use "
+                                                                r"train.distributed=ddp"),
+    ({"train.distributed": "deepspeed", "train.zero_stage": 3, "method.name": "prompt_tuning"},
+     r"prompt_tuning with ZeRO stage 3.*Fix: train.zero_stage=2"),
+    ({"train.distributed": "deepspeed", "train.offload": "all"}, r"only ZeRO stage 3 partitions"),
 ])
 def test_impossible_combinations_fail_before_loading(make_config, nothing_loads, overrides, expected):
     cfg = make_config(**overrides)

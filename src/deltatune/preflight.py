@@ -15,6 +15,8 @@ from deltatune.engine import precision
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.evaluation.metrics import TASK_METRICS
 
+SOFT_PROMPTS = ("prompt_tuning", "p_tuning", "prefix_tuning")
+
 
 def run(cfg, resuming: bool = False) -> None:
     """All the checks, in order; `resuming`: continuing a checkpoint of output.dir, which may be finished."""
@@ -59,9 +61,25 @@ def _distributed(cfg) -> None:
         raise ConfigError(f"train.offload=all moves the parameters to CPU memory, which only ZeRO stage 3 "
                           f"partitions (train.zero_stage={tc.zero_stage}). Fix: set train.zero_stage=3, or "
                           f"train.offload=optimizer (optimizer state only).")
+    if mode == "deepspeed" and cfg.method.name == "qlora":
+        raise ConfigError("method.name=qlora with train.distributed=deepspeed: ZeRO flattens and partitions the "
+                          "parameters, which a 4-bit base's packed weights do not survive. Fix: use "
+                          "train.distributed=ddp for QLoRA, or method.name=lora on the 16/32-bit base.")
+    if mode == "deepspeed" and tc.zero_stage == 3 and not tc.deepspeed_config:
+        _zero3_method(cfg)
     if mode in ("fsdp", "deepspeed") and tc.compile:
         raise ConfigError(f"train.compile=true is not supported with train.distributed={mode} here (the sharded "
                           f"module's hooks break the compiled graph). Fix: set train.compile=false.")
+
+
+def _zero3_method(cfg) -> None:
+    """Methods that read weights outside the forward pass of the module holding them, where ZeRO-3 keeps only
+    this rank's partition (measured on 2 processes against one)."""
+    name = cfg.method.name
+    if name in SOFT_PROMPTS:
+        raise ConfigError(f"method.name={name} with ZeRO stage 3: the soft prompt is read outside the model's "
+                          f"forward pass, where ZeRO-3 holds only a partition of it (measured: the ranks hang). "
+                          f"Fix: train.zero_stage=2, or train.distributed=fsdp (which keeps the prompt whole).")
 
 
 def _finished_run(cfg, resuming: bool) -> None:
@@ -78,7 +96,7 @@ def _packing(cfg) -> None:
         raise ConfigError("data.packing=true does not apply to task classification: each text gets its own label "
                           "from its own sequence. Fix: remove data.packing (dynamic padding and length grouping "
                           "already keep padding low), or use task causal_lm / sft.")
-    if cfg.method.name in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+    if cfg.method.name in SOFT_PROMPTS:
         raise ConfigError(f"data.packing=true cannot be combined with method.name={cfg.method.name}: soft prompts "
                           f"are added once per sequence, so packed examples would share one prompt and the "
                           f"position ids would no longer line up. Fix: set data.packing=false, or use lora.")
