@@ -6,11 +6,13 @@ arithmetic below is exact, without evaluation, as: one process; DDP x2; FSDP2 x2
 ZeRO-3 x2 — each in its own torchrun, one after another, alternating the order over rounds; the table reports
 medians and is written to docs/distributed-table.md.
 
-Expected model-state memory per rank (the ZeRO paper's arithmetic, fp32 + Adam, N ranks): weights 4, gradients
-4 and Adam moments 8 bytes per trainable parameter, 4 per frozen one. DDP keeps all of it on every rank; ZeRO-2
-divides gradients and optimizer state by N; ZeRO-3 and FSDP2 divide everything by N. Measured peak RSS adds
-what no engine shards: Python, torch and transformers (~0.5 GB), the model loaded whole before it is
-sharded, activations and communication buffers.
+What each rank holds after training (summary.json `live_tensor_mb_per_rank`: every tensor storage alive in
+the process, counted once) against the ZeRO paper's arithmetic for fp32 + AdamW on N ranks: weights 4 bytes
+per parameter, Adam moments 8 per trainable one; one process and DDP keep all of it on every rank, ZeRO-1/2
+divide the optimizer state by N, ZeRO-3 and FSDP2 divide everything by N. (During a step gradients add 4 bytes
+per trainable parameter, divided by N under ZeRO-2/3 and FSDP2.) Peak RSS is shown too, but it is set by
+loading the model whole (SmolLM2 is read from a GGUF file and converted) and by allocator slack, before any
+engine shards anything.
 """
 
 from __future__ import annotations
@@ -49,13 +51,13 @@ def run(method: str, label: str, nproc: int, extra: list[str], steps: int) -> di
 
 
 def expected_gb(trainable: int, total: int, label: str) -> float:
-    """Model-state bytes per rank from the arithmetic (fp32 weights, gradients, Adam; 2 ranks)."""
-    weights, grads, adam = 4 * total, 4 * trainable, 8 * trainable
+    """Weights and Adam state per rank after training (fp32; 2 ranks), from the arithmetic."""
+    weights, adam = 4 * total, 8 * trainable
     if label.startswith(("ZeRO-3", "FSDP2")):
-        return (weights + grads + adam) / 2 / GB
+        return (weights + adam) / 2 / GB
     if label.startswith("ZeRO-2"):
-        return (weights + (grads + adam) / 2) / GB
-    return (weights + grads + adam) / GB
+        return (weights + adam / 2) / GB
+    return (weights + adam) / GB
 
 
 def main() -> None:
@@ -77,25 +79,27 @@ def write_table(results: dict[tuple[str, str], list[dict]], rounds: int, steps: 
              f"global batch of 8 (1 process x 8, or 2 processes x 4), fp32, this 2-core CPU (gloo; one torch thread "
              f"per rank with 2 ranks, two with one), median of {rounds} round(s). Produced by "
              f"`python bench/distributed.py --rounds {rounds} --steps {steps}`.", "",
-             "| method | engine | what runs (summary.json) | expected model state per rank | x of DDP (expected) "
-             "| peak RSS per rank (max) | x of DDP (measured) | tokens/s |",
+             "*Held after training* is every tensor alive in the rank at the end (weights, optimizer state, the "
+             "engine's buffers), largest rank; *expected* is weights + Adam moments from the arithmetic. Peak RSS "
+             "is set by loading the model whole before any sharding (see bench/README.md).", "",
+             "| method | engine | what runs (summary.json) | expected per rank | held after training | "
+             "x of DDP: expected / held | peak RSS per rank | tokens/s |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for method in ("full", "lora"):
-        ddp = results[(method, "DDP x2")]
-        ddp_rss = statistics.median(max(s["peak_rss_mb_per_rank"]) for s in ddp)
-        first = ddp[0]
+        first = results[(method, "DDP x2")][0]
         ddp_exp = expected_gb(first["trainable_params"], first["total_params"], "DDP x2")
+        ddp_held = statistics.median(max(s["live_tensor_mb_per_rank"]) for s in results[(method, "DDP x2")])
         for label, _, _ in MODES:
             runs = results[(method, label)]
-            s = runs[0]
-            d = s["distributed"]
+            d = runs[0]["distributed"]
             what = d["wrapper"] + (f", ZeRO {d['zero_stage']}" if d.get("zero_stage") else "") + \
-                f", sharding: {d['sharding']}"
-            exp = expected_gb(s["trainable_params"], s["total_params"], label)
+                f"; sharding: {d['sharding']}"
+            exp = expected_gb(runs[0]["trainable_params"], runs[0]["total_params"], label)
+            held = statistics.median(max(x["live_tensor_mb_per_rank"]) for x in runs)
             rss = statistics.median(max(x["peak_rss_mb_per_rank"]) for x in runs)
             rate = statistics.median(x["tokens_per_s"] for x in runs)
-            lines.append(f"| {method} | {label} | {what} | {exp:.2f} GB | {exp / ddp_exp:.2f} | {rss:,.0f} MB "
-                         f"| {rss / ddp_rss:.2f} | {rate:,.0f} |")
+            lines.append(f"| {method} | {label} | {what} | {exp * 1000:,.0f} MB | {held * 1.048576:,.0f} MB | "
+                         f"{exp / ddp_exp:.2f} / {held / ddp_held:.2f} | {rss:,.0f} MB | {rate:,.0f} |")
     text = "\n".join(lines) + "\n"
     (ROOT / "docs" / "distributed-table.md").write_text(text, encoding="utf-8")
     print(text)

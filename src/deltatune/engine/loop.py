@@ -85,6 +85,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def live_tensor_mb() -> float:
+    """Bytes of every tensor storage this process holds now (each storage once), in MB: after training, the
+    weights and optimizer state the strategy keeps on this rank, whatever engine holds them. Peak RSS cannot
+    show this: it includes loading the model whole and allocator slack."""
+    import gc
+    import warnings
+
+    seen: dict[int, int] = {}
+    with warnings.catch_warnings():  # isinstance on deprecated torch module attributes warns
+        warnings.simplefilter("ignore")
+        objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for obj in objects:
+        if obj.device.type != "meta":
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # wrapper tensors (DTensor): their local shard is listed
+                continue
+            if storage.data_ptr():
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values()) / 2**20
+
+
 @dataclass
 class GenerationEval:
     """Prompts and reference answers for generation-based metrics (a seeded sample of validation)."""
@@ -281,7 +303,7 @@ def micro_batches(run: Run, global_ids: np.ndarray) -> list[dict]:
     the ranks' collectives in step (DDP's all-reduce, FSDP's gathers, DeepSpeed's accumulation count)."""
     tc, dist = run.cfg.train, run.dist
     parts = shard(global_ids, dist.rank, dist.world, tc.batch_size)
-    if dist.world > 1 or run.strategy.shards_parameters:
+    if run.strategy.name != "single":  # DeepSpeed counts micro-batches even in a world of one
         parts += [[]] * (tc.grad_accum - len(parts))
     out = []
     for ids in parts:
@@ -408,6 +430,7 @@ def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forg
         "tokens_per_s": round(dist.all_sum(state.tokens) / max(state.compute_s, 1e-9), 1),
         "trainable_params": run.trainable, "total_params": run.total, "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_rss_mb_per_rank": dist.gather_objects(round(peak_rss_mb(), 1)),
+        "live_tensor_mb_per_rank": dist.gather_objects(round(live_tensor_mb(), 1)),
         "best_step": state.best_step, "best_metric": run.cfg.metric, "best_metrics": state.best_metrics,
         "stopped_early": state.stopped_early, "evals": state.evals, "world_size": dist.world,
         "distributed": run.strategy.describe(),
