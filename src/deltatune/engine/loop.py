@@ -98,12 +98,13 @@ def live_tensor_mb() -> float:
         objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
     for obj in objects:
         if obj.device.type != "meta":
-            try:
+            try:  # wrapper tensors (DTensor) and freed storages have no data of their own; shards are listed too
                 storage = obj.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # wrapper tensors (DTensor): their local shard is listed
+                ptr, size = storage.data_ptr(), storage.nbytes()
+            except (RuntimeError, NotImplementedError):
                 continue
-            if storage.data_ptr():
-                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+            if ptr:
+                seen[ptr] = max(seen.get(ptr, 0), size)
     return sum(seen.values()) / 2**20
 
 
