@@ -13,50 +13,24 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from deltatune import api, config
 from deltatune.errors import ConfigError
-from tests.conftest import toy_rows, write_jsonl
+from tests.multiproc import STEPS, deltatune, largest_difference, overrides, steps, weights, write_data
 
 pytest.importorskip("deepspeed")
 
-ROWS = 81
 TOLERANCE = {"full": 5e-5, "lora": 5e-5}
-STEPS = 22  # 11 global batches of 8 per epoch, 2 epochs
-
-
-def overrides(out: Path, model: Path, data: dict[str, Path], method: str, batch_size: int, **extra) -> list[str]:
-    values = {"model.name": model, "data.train": data["train"], "data.validation": data["validation"],
-              "method.name": method, "train.epochs": 2, "train.batch_size": batch_size, "train.grad_accum": 2,
-              "train.lr": 3e-3, "train.precision": "fp32", "train.threads": 1, "train.log_every": 1,
-              "eval.every": 5, "eval.metric": "loss", "output.dir": out, **extra}
-    if method == "lora":
-        values.update({"method.r": 4, "method.init": "gaussian", "method.dropout": 0.0, "train.lr": 1e-2})
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def deltatune(args: list[str], nproc: int = 2, timeout: int = 180) -> subprocess.CompletedProcess:
-    """`deltatune train ARGS` under torchrun (one torch thread per rank), or as one plain process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launch, "-m", "deltatune", "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("zero-data")
-    return {"train": write_jsonl(d / "train.jsonl", toy_rows(ROWS, seed=3)),
-            "validation": write_jsonl(d / "val.jsonl", toy_rows(21, seed=4))}
+    return write_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +41,6 @@ def single(tmp_path_factory, tiny_bert, data) -> dict[str, tuple[Path, dict]]:
         out = tmp_path_factory.mktemp(f"single-{method}") / "run"
         runs[method] = out, api.train(config.load(None, overrides(out, tiny_bert, data, method, batch_size=4)))
     return runs
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    path = run / "model" / "model.safetensors"
-    return load_file(path if path.exists() else run / "adapter" / "adapter_model.safetensors")
-
-
-def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def steps(run: Path) -> list[tuple[int, float, float, float]]:
-    """(step, loss, learning rate, gradient norm) of every logged step."""
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["lr"], r["max_grad_norm"]) for r in rows if "loss" in r]
 
 
 def zero_run(out: Path, tiny_bert: Path, data, method: str, stage: int, *args: str, **extra) -> dict:
@@ -165,6 +123,18 @@ def test_zero3_trains_checkpoints_and_resumes_exactly(tmp_path, tiny_bert, data,
     assert steps(resumed) == steps(whole)
     worst = largest_difference(weights(whole), weights(resumed))
     assert worst == 0.0, f"largest difference {worst:.2e}"
+
+
+def test_zero2_in_one_process_reaches_the_plain_weights(tmp_path, tiny_bert, data, single):
+    """The same config from one process on: ZeRO-2 in a group of one (batch 4 x accumulation 2, the last global
+    batch of one row runs a stand-in, which DeepSpeed's accumulation count needs) trains like plain torch."""
+    out = tmp_path / "one-zero"
+    done = deltatune([*overrides(out, tiny_bert, data, "full", batch_size=4), "train.distributed=deepspeed",
+                      "train.zero_stage=2"], nproc=1)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["distributed"]["mode"], summary["distributed"]["world_size"]) == ("deepspeed", 1)
+    assert_trained_like_one_process(single["full"], out, summary, "full")
 
 
 def test_offload_of_parameters_below_stage_3_is_refused(tmp_path, tiny_bert, data):

@@ -82,6 +82,8 @@ class DeepSpeedZero(Single):
         # Built on the client optimizer: ZeRO keeps its param_group dicts (and so the `lr` the schedule sets).
         scheduler = make_scheduler(optimizer)
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))  # DeepSpeed asserts torchrun's variable
+        if not self.user_json:
+            self.ds_config["zero_optimization"].update(bucket_sizes(model))
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                           config=self.ds_config, dist_init_required=False)
         self.engine = engine
@@ -213,6 +215,18 @@ def built_config(cfg, prec, world: int) -> dict:
             # Our torch AdamW, not DeepSpeed's: the same maths as one process, and DeepSpeedCPUAdam would be a
             # C++ build on first use (offload otherwise insists on it).
             "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+
+
+def bucket_sizes(model: torch.nn.Module) -> dict:
+    """Communication buckets sized to the model (the values transformers' DeepSpeed integration derives for
+    "auto"). DeepSpeed's defaults are 5e8 elements: a ZeRO-3 gradient bucket of 2 GB in fp32, measured as 2.5 GB
+    more per rank than DDP on SmolLM2-135M, whose whole model is 0.5 GB."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        return {}
+    return {"reduce_bucket_size": hidden * hidden, "allgather_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
 
 
 def batch_keys(tc, world: int) -> dict:
