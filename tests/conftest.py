@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny BERT and LLaMA models built from configs, a tokenizer trained offline, toy data.
+"""Shared fixtures: tiny BERT and LLaMA models built from configs, a fixed toy tokenizer, toy data.
 
 Nothing here touches the network. Models are a few layers with hidden size 32, so a training
 step takes milliseconds and whole runs fit in a test.
@@ -42,18 +42,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+VOCAB = Path(__file__).parent / "fixtures" / "toy-vocab.txt"
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """A WordPiece tokenizer trained offline on the toy vocabulary, saved as a BERT tokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece tokenizer over the toy vocabulary, saved as a BERT tokenizer.
+
+    The vocabulary was trained once (WordPieceTrainer, vocab_size=200, on toy_rows(500)) and written
+    to fixtures/toy-vocab.txt. Training it here again made a different vocabulary in each pytest
+    process (the trainer breaks ties between equally frequent pieces in hash-map order), so results
+    of the tiny models, and the tests near their thresholds, changed from run to run."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = VOCAB.read_text(encoding="utf-8").splitlines()
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    corpus = [r["text"] for r in toy_rows(500)] + ["hello world this is some other text ."] * 5
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
