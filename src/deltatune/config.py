@@ -23,6 +23,9 @@ class ModelSection(Section):
     trust_remote_code: bool = False
     attention: Literal["auto", "eager", "sdpa"] = Field(
         "auto", description="attention kernel; auto = eager on CPU (its backward measured ~25% faster), sdpa on GPU")
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype of the frozen base's linear weights (methods that freeze the base); auto = bf16 "
+        "when the run trains in bf16 (no per-step casts, half the memory), else fp32")
 
 
 class DataSection(Section):
@@ -72,7 +75,12 @@ class TrainSection(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 42
     log_every: int = Field(10, ge=1)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor"] = Field(
+        "adamw", description="adamw (torch, fused); adamw_8bit / paged_adamw_8bit (bitsandbytes: 8-bit states, "
+        "paged to CPU under memory pressure); adafactor (factored second moments)")
     compile: bool = False
+    compile_cache: str | None = Field(None, description="directory of torch.compile's persistent kernel cache "
+                                      "(default: the deltatune cache); reused by later runs")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: "
                                          "much less activation memory for ~30% more compute")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
