@@ -275,6 +275,14 @@ def inspect_data(
     out.print("[black on green]highlighted[/] tokens carry loss; the rest are context only.")
 
 
+def _plan_config(config: Path | None, overrides: list[str] | None):
+    """CONFIG plus overrides for commands that need no data (params, plan)."""
+    overrides = list(overrides or [])
+    if not any(o.startswith("data.train=") for o in overrides):
+        overrides.append("data.train=unused")  # counting and planning read no data
+    return _load_config(config, overrides)
+
+
 @app.command()
 def params(
     config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
@@ -283,20 +291,73 @@ def params(
     """Count parameters of CONFIG's model and method from the model config alone (no weights loaded)."""
     from deltatune.plan.params import count
 
-    overrides = list(overrides or [])
-    if not any(o.startswith("data.train=") for o in overrides):
-        overrides.append("data.train=unused")  # counting needs no data
-    result = count(_load_config(config, overrides))
-    table = Table(title=f"{result['method']} on {result['model']} (meta device: no weights loaded)")
+    result = count(_plan_config(config, overrides))
+    table = Table(title=f"{result['method']} on {result['model']} ({result['architecture']}; meta device: no "
+                  f"weights loaded)")
     table.add_column("")
     table.add_column("parameters", justify="right")
+    head = f"task head ({result['num_labels']} labels)" if result["num_labels"] else "task head"
     for key, label in (("base_params", "base model"), ("trainable_params", "trainable"),
-                       ("method_params", "method (excluding head)"), ("head_params", f"task head "
-                       f"({result['num_labels']} labels)"), ("added_params", "added by the method")):
+                       ("method_params", "method (excluding head)"), ("head_params", head),
+                       ("added_params", "added by the method")):
         table.add_row(label, f"{result[key]:,}")
     table.add_row("trainable %", f"{result['trainable_percent']:.4f}")
     table.add_row("artifact (fp32)", f"{result['artifact_mb']:,.2f} MB")
     out.print(table)
+
+
+@app.command()
+def plan(
+    config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value ...")] = None,
+    memory: Annotated[float | None, typer.Option("--memory", help="memory per device in GiB (default: this "
+                                                 "machine's free memory)")] = None,
+    devices: Annotated[int, typer.Option("--devices", min=1, help="devices (processes) the run spreads over")] = 1,
+    device: Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: this machine's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Predict peak training memory per device from the model config alone (no weights loaded): the breakdown,
+    whether it fits, and the largest micro-batch that does."""
+    import torch
+
+    from deltatune.plan import memory as planner
+
+    if device not in (None, "cpu", "cuda"):
+        raise DeltatuneError(f"--device {device}: use cpu or cuda")
+    est = planner.estimate(_plan_config(config, overrides), devices=devices, device=device)
+    budget = int(memory * planner.GiB) if memory else planner.free_memory_bytes(
+        torch.device(est.device) if est.device == "cpu" or torch.cuda.is_available() else "cpu")
+    best = est.largest_micro_batch(budget)
+    verdict = {"memory_bytes": budget, "fits": est.fits(budget),
+               "largest_micro_batch": best[0] if best else None, "grad_accum_for_it": best[1] if best else None,
+               "refusal": None if best else planner.refusal(est, budget)}
+    if as_json:
+        out.print_json(json.dumps({**est.to_dict(), **verdict}))
+        if not best:
+            raise typer.Exit(1)
+        return
+    table = Table(title=f"peak training memory per device: {est.mode} x{est.devices} {est.device}, {est.precision}, "
+                  f"micro-batch {est.micro_batch} x {est.seq_len} tokens (no weights loaded)")
+    table.add_column("")
+    table.add_column("memory", justify="right")
+    table.add_column("grows with batch", justify="center")
+    for key, value in est.breakdown.items():
+        table.add_row(key, planner.gib(value), "yes" if key in est.scales else "")
+    table.add_row("[bold]peak[/]", f"[bold]{planner.gib(est.total)}[/]", "")
+    table.add_row("increase over the loaded model", planner.gib(est.increase), "")
+    if est.cpu_offloaded:
+        table.add_row("offloaded to CPU memory", planner.gib(est.cpu_offloaded), "")
+    out.print(table)
+    for note in est.notes:
+        out.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+    source = f"--memory {memory:g} GiB" if memory else f"{planner.gib(budget)} free on this {est.device}"
+    if not best:
+        err.print(f"[bold red]does not fit:[/] {escape(verdict['refusal'])}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    fits = "[green]fits[/]" if verdict["fits"] else "[red]does not fit[/]"
+    out.print(f"{fits} in {source}; largest micro-batch that fits: {best[0]} (train.batch_size={best[0]} "
+              f"train.grad_accum={best[1]} keeps the global batch of {est.micro_batch * est.grad_accum} per "
+              f"device)", highlight=False, soft_wrap=True)
 
 
 @app.command()
