@@ -28,6 +28,8 @@ def run(cfg, resuming: bool = False) -> None:
     _packing(cfg)
     _remote_code(cfg)
     _distributed(cfg)
+    _optimizer(cfg, precision.default_device().type)
+    _compile(cfg)
     _finished_run(cfg, resuming)
 
 
@@ -70,6 +72,49 @@ def _distributed(cfg) -> None:
     if mode in ("fsdp", "deepspeed") and tc.compile:
         raise ConfigError(f"train.compile=true is not supported with train.distributed={mode} here (the sharded "
                           f"module's hooks break the compiled graph). Fix: set train.compile=false.")
+
+
+def _optimizer(cfg, device: str) -> None:
+    """train.optimizer: bitsandbytes' 8-bit optimizers need the package (and paging needs CUDA); only AdamW runs
+    under the sharding engines."""
+    tc = cfg.train
+    name, mode = tc.optimizer, tc.distributed
+    if name in ("adamw_8bit", "paged_adamw_8bit") and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"train.optimizer={name} needs bitsandbytes. Fix: pip install "
+                          f"'deltatune[qlora]' (bitsandbytes 0.50+ runs its 8-bit optimizers on CPU too), or set "
+                          f"train.optimizer=adamw.")
+    if name == "paged_adamw_8bit" and device != "cuda":
+        raise ConfigError(f"train.optimizer=paged_adamw_8bit pages optimizer state through CUDA unified memory, but "
+                          f"this run computes on {device} (bitsandbytes would silently fall back to unpaged). Fix: "
+                          f"train.optimizer=adamw_8bit (the same 8-bit states, without paging).")
+    if name != "adamw" and mode in ("fsdp", "deepspeed"):
+        why = {"fsdp": "FSDP2 hands it sharded DTensor parameters, which bitsandbytes' kernels do not take and "
+                       "on which Adafactor would factor each shard rather than each matrix",
+               "deepspeed": "ZeRO flattens the parameters it partitions into one vector, which undoes Adafactor's "
+                            "per-matrix factoring, and 8-bit AdamW has not been validated under ZeRO here"}[mode]
+        offload = " DeepSpeed can instead keep AdamW's state in CPU memory: train.offload=optimizer." \
+            if mode == "deepspeed" else ""
+        raise ConfigError(f"train.optimizer={name} with train.distributed={mode}: {why}. Fix: "
+                          f"train.optimizer=adamw, or train.distributed=ddp.{offload}")
+
+
+def _compile(cfg) -> None:
+    """torch.compile on CPU builds C++ kernels (inductor): a compiler must be on PATH. A cache without compiling
+    would be ignored: said, not ignored."""
+    if cfg.train.compile_cache and not cfg.train.compile:
+        raise ConfigError(f"train.compile_cache={cfg.train.compile_cache} is only used by torch.compile, but "
+                          f"train.compile=false. Fix: set train.compile=true, or remove train.compile_cache.")
+    if not cfg.train.compile or precision.default_device().type != "cpu":
+        return
+    import os
+    import shutil
+
+    wanted = os.environ.get("CXX", "g++")  # the one compiler inductor tries (torch._inductor.config.cpp.cxx)
+    if shutil.which(wanted) is None:
+        raise ConfigError(f"train.compile=true on CPU builds C++ kernels (torch inductor) with {wanted} "
+                          f"({'$CXX' if 'CXX' in os.environ else 'inductor uses g++ unless CXX is set'}), which is "
+                          f"not on PATH. Fix: install it (e.g. apt-get install g++) or point CXX at a C++ "
+                          f"compiler, or set train.compile=false.")
 
 
 def _zero3_method(cfg) -> None:
