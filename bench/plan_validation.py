@@ -98,9 +98,8 @@ def predicted(overrides: list[str], nproc: int) -> tuple[float, dict]:
     """The planner's peak increase per rank (MB) at the sample's longest row and most target tokens."""
     import numpy as np
 
-    from deltatune import config
+    from deltatune import config, models
     from deltatune import data as data_mod
-    from deltatune import models
     from deltatune.constants import IGNORE_INDEX
     from deltatune.plan import memory
 

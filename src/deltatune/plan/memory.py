@@ -159,7 +159,7 @@ def _weights(cfg: RunConfig, prec: str) -> Weights:
                      for p in m.parameters(recurse=False)}
     seen: set[int] = set()
     trainable, weight_bytes, quant_constants, shapes = 0, 0.0, 0.0, []
-    for p in model.parameters(remove_duplicate=False):
+    for p in model.parameters():
         if id(p) in seen:  # tied weights (embeddings = output layer) are stored once
             continue
         seen.add(id(p))
