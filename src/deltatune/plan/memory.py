@@ -24,6 +24,7 @@ after loading (what bench/plan_validation.py compares).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -221,6 +222,7 @@ def _saved_bytes(cfg: RunConfig, prec: str, attention: str, seq_len: int, layers
         saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
         return t
 
+    warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor", category=UserWarning)
     with fake:
         model = plan_params.build(cfg, plan_params.model_config(cfg, plan_params.num_labels(cfg), layers), attention)
     # Outside the fake mode: peft moves new adapter weights with Module.to, which cannot swap fake parameters.
@@ -291,13 +293,16 @@ def estimate(cfg: RunConfig, devices: int = 1, device: str | None = None, micro_
         positions = _logit_positions(cfg, t, target_tokens) * b * w.vocab
         parts["logits"] = positions * act
         parts["loss buffers"] = positions * 12  # fp32 copy or log-probs, their gradient, the input's gradient
+    # The backward pass of the top block holds the gradients of its intermediates next to everything saved:
+    # about one block's saved bytes again. The loss buffers are freed by then, so only the excess counts.
+    parts["backward transients"] = max(0, block * b - parts.get("logits", 0) - parts.get("loss buffers", 0))
     notes = _distribute(parts, cfg, mode, devices, device, w, prec)
     cpu = 0
     if device == "cuda" and cfg.train.offload != "none" and mode in ("fsdp", "zero1", "zero2", "zero3"):
         cpu = parts.pop("optimizer states") + parts.pop("fp32 master partition", 0)
         if cfg.train.offload == "all":
             cpu += parts.pop("weights")
-    scales = tuple(k for k in ("activations", "logits", "loss buffers") if k in parts)
+    scales = tuple(k for k in ("activations", "backward transients", "logits", "loss buffers") if k in parts)
     dynamic = sum(parts[k] for k in scales)
     parts["framework"] = int(FRAMEWORK_FIXED[device if device in FRAMEWORK_FIXED else "cuda"])
     parts["allocator slack"] = int(ALLOCATOR_SLACK.get(device, 0.05) * dynamic)
