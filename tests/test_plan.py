@@ -140,11 +140,17 @@ def test_activations_scale_with_batch_and_shrink_with_checkpointing(tiny):
 
 
 def test_bf16_frozen_weights_and_4bit_bases(tiny):
-    fp32 = memory.estimate(tiny("method.name=lora", "model.frozen_dtype=fp32"), device="cpu")
-    bf16 = memory.estimate(tiny("method.name=lora", "model.frozen_dtype=bf16"), device="cpu")
-    nf4 = memory.estimate(tiny("method.name=qlora", "model.frozen_dtype=fp32"), device="cpu")
+    fp32 = memory.estimate(tiny("method.name=lora", "train.precision=bf16", "model.frozen_dtype=fp32"), device="cpu")
+    bf16 = memory.estimate(tiny("method.name=lora", "train.precision=bf16"), device="cpu")  # auto: bf16 here
+    nf4 = memory.estimate(tiny("method.name=qlora", "train.precision=bf16"), device="cpu")
     assert bf16.breakdown["weights"] < fp32.breakdown["weights"]
     assert nf4.breakdown["weights"] < bf16.breakdown["weights"]
+    # no per-step bf16 copies of frozen weights held for backward
+    assert bf16.breakdown["activations"] < fp32.breakdown["activations"]
+    # auto keeps fp32 where engine/frozen.py does: fp32 training, whole-model methods, FSDP2
+    for other in (tiny("method.name=lora"), tiny("method.name=full", "train.precision=bf16")):
+        assert not memory.frozen_bf16(other, other.train.precision)
+    assert not memory.frozen_bf16(tiny("method.name=lora", "train.precision=bf16"), "bf16", "fsdp")
 
 
 def test_distribution_shards_or_replicates(tiny):

@@ -116,12 +116,24 @@ def plan_precision(requested: str, device: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def frozen_bf16(cfg: RunConfig, prec: str) -> bool:
-    """model.frozen_dtype: frozen Linear weights of methods that freeze the base are bf16 (auto: when the
-    run trains in bf16)."""
-    if cfg.method.name == "full":
-        return False
-    return cfg.model.frozen_dtype == "bf16" or (cfg.model.frozen_dtype == "auto" and prec == "bf16")
+def frozen_bf16(cfg: RunConfig, prec: str, mode: str = "single") -> bool:
+    """model.frozen_dtype as the run resolves it (engine/frozen.py, the one home of the rule): frozen Linear
+    weights in bf16 for adapter methods training in bf16 on one process or DDP, not over a 4-bit base."""
+    from deltatune import methods
+    from deltatune.engine import frozen
+
+    strategy = "deepspeed" if mode.startswith("zero") else mode
+    name, _ = frozen.resolve(cfg.model.frozen_dtype, prec, methods.REGISTRY[cfg.method.name].saves, strategy,
+                             cfg.method.name == "qlora")
+    return name == "bf16"
+
+
+def cast_linears(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters frozen.cast_frozen_linears casts: weights and biases of frozen nn.Linear layers,
+    not an output layer tied to the (fp32) embedding."""
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
+            if not p.requires_grad and p.is_floating_point() and id(p) not in embedding}
 
 
 def mode_of(cfg: RunConfig, devices: int) -> str:
@@ -148,13 +160,13 @@ class Weights:
     quant_constants: int
 
 
-def _weights(cfg: RunConfig, prec: str) -> Weights:
+def _weights(cfg: RunConfig, prec: str, mode: str) -> Weights:
     from deltatune.methods.common import HEAD_NAMES, layer_stack, projection_types
 
     model = plan_params.apply_method(cfg, plan_params.skeleton(cfg, plan_params.num_labels(cfg)), meta=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     quantized = cfg.method.name == "qlora"
-    bf16 = frozen_bf16(cfg, prec)
+    bf16 = cast_linears(model) if frozen_bf16(cfg, prec, mode) else set()
     kinds = projection_types()
     linear_params = {id(p): name for name, m in model.named_modules() if isinstance(m, kinds)
                      for p in m.parameters(recurse=False)}
@@ -176,7 +188,7 @@ def _weights(cfg: RunConfig, prec: str) -> Weights:
             weight_bytes += NF4_BYTES * n
             per_block = (1 + 4 / DQ_BLOCK) if getattr(cfg.method, "double_quant", True) else 4
             quant_constants += per_block * n / NF4_BLOCK
-        elif module is not None and bf16:
+        elif id(p) in bf16:
             weight_bytes += 2 * n
         else:
             weight_bytes += 4 * n
@@ -206,13 +218,12 @@ def _optimizer_bytes(cfg: RunConfig, w: Weights) -> int:
 # Activations: traced on fake tensors
 
 
-def _saved_bytes(cfg: RunConfig, prec: str, attention: str, seq_len: int, layers: int) -> int:
+def _saved_bytes(cfg: RunConfig, prec: str, attention: str, seq_len: int, layers: int, mode: str) -> int:
     """Bytes autograd saves for backward in one forward pass at batch 1, for a `layers`-block copy of the model
     built on fake tensors (shapes only), with the method applied and the run's autocast. Parameters saved
     for backward are not new memory and are left out; each storage counts once (views share it)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from deltatune.methods.common import projection_types
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     saved: dict[int, int] = {}
@@ -229,10 +240,11 @@ def _saved_bytes(cfg: RunConfig, prec: str, attention: str, seq_len: int, layers
     # The adapters of one or two blocks are small real tensors; the forward converts them.
     model = plan_params.apply_method(cfg, model)
     with fake:
-        if frozen_bf16(cfg, prec):
-            for m in model.modules():
-                if isinstance(m, projection_types()) and not m.weight.requires_grad:
-                    m.weight.data = m.weight.data.to(torch.bfloat16)
+        if frozen_bf16(cfg, prec, mode):
+            cast = cast_linears(model)
+            for p in model.parameters():
+                if id(p) in cast:
+                    p.data = p.data.to(torch.bfloat16)
         model.train()
         held = {(p if isinstance(p, FakeTensor) else fake.from_tensor(p)).untyped_storage()._cdata
                 for p in [*model.parameters(), *model.buffers()]}
@@ -244,10 +256,11 @@ def _saved_bytes(cfg: RunConfig, prec: str, attention: str, seq_len: int, layers
     return sum(n for key, n in saved.items() if key not in held)
 
 
-def _activations(cfg: RunConfig, prec: str, attention: str, seq_len: int, w: Weights) -> tuple[int, int]:
+def _activations(cfg: RunConfig, prec: str, attention: str, seq_len: int, w: Weights, mode: str
+                 ) -> tuple[int, int]:
     """(activation bytes per example, of which one block's share) for the full stack."""
-    one = _saved_bytes(cfg, prec, attention, seq_len, 1)
-    two = _saved_bytes(cfg, prec, attention, seq_len, 2)
+    one = _saved_bytes(cfg, prec, attention, seq_len, 1, mode)
+    two = _saved_bytes(cfg, prec, attention, seq_len, 2, mode)
     block = max(0, two - one)
     outside = max(0, one - block)
     if not cfg.train.gradient_checkpointing:
@@ -283,9 +296,10 @@ def estimate(cfg: RunConfig, devices: int = 1, device: str | None = None, micro_
     mode = mode_of(cfg, devices)
     b = micro_batch or cfg.train.batch_size
     t = seq_len or cfg.data.max_length
-    w = _weights(cfg, prec)
+    w = _weights(cfg, prec, mode)
     act = 2 if prec in ("bf16", "fp16") else 4
-    per_example, block = _activations(cfg, prec, attention_for(cfg.model.attention, torch.device(device)), t, w)
+    per_example, block = _activations(cfg, prec, attention_for(cfg.model.attention, torch.device(device)), t, w,
+                                     mode)
     grads, states = 4 * w.trainable, _optimizer_bytes(cfg, w)
     parts = {"weights": w.weight_bytes, "gradients": grads, "optimizer states": states,
              "activations": per_example * b}
