@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
+
 __version__ = "0.1.0"
 __all__ = ["RunConfig", "load", "train", "evaluate", "predict", "load_run", "__version__"]
 
@@ -23,3 +26,17 @@ def __getattr__(name: str):
 
         return getattr(config, name)
     raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
+
+def _skip_exit_collections() -> None:
+    """Python's shutdown runs full garbage collections over every object still alive; with torch,
+    transformers and datasets loaded that is millions of objects, and took 2.5-3 s per process here
+    after the work was done (measured: `import deltatune.api` then exit, 2.5-3.1 s -> 0.3-0.7 s).
+    Frozen objects are skipped by those collections. Everything else still runs: the other exit
+    handlers, and the clean-up of objects freed by reference counting (files, locks, temp dirs);
+    only cyclic garbage is left for the operating system to reclaim with the process."""
+    gc.freeze()
+
+
+# Exit handlers run last-in first-out: those that torch, datasets, ... register after this import run before it.
+atexit.register(_skip_exit_collections)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 from deltatune.config import DataSection, is_lm
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data import packing, sft, sources, validate
+from deltatune.data.batching import column, rows_of
 from deltatune.data.validate import label_of  # by name: `map` hashes what `encode` uses, and the module holds a Console
 from deltatune.errors import DataError
 
@@ -202,11 +206,12 @@ def tokenize_sft(name: str, ds: datasets.Dataset, section: DataSection, tokenize
                 "prompt_ids": e.prompt_ids, "reference": e.reference, "truncated": e.truncated,
                 "unk": text.count(unk), "text_tokens": len(text)}
 
-    tokenized = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {name}")
-    truncated = sum(tokenized["truncated"])
+    tokenized = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {name}",
+                       new_fingerprint=map_fingerprint(ds, tokenizer, "sft", fmt, template, section.max_length))
+    truncated = int(column(tokenized, "truncated").sum())
     unk_percent = _unknown_share(name, where, tokenizer, unk, tokenized)
     # A row cut so short that none of its response is left carries no loss: dropped, and counted.
-    has_target = [any(t != IGNORE_INDEX for t in lab[1:]) for lab in tokenized["labels"]]
+    has_target = [any(t != IGNORE_INDEX for t in lab[1:]) for lab in rows_of(tokenized, "labels")]
     kept = tokenized.select([i for i, ok in enumerate(has_target) if ok])
     kept = kept.remove_columns(["truncated", "unk", "text_tokens"])
     return Split(name=name, dataset=kept, rows=len(ds), truncated=truncated, where=where, unk_percent=unk_percent)
@@ -233,9 +238,16 @@ def tokenize_split(name: str, ds: datasets.Dataset, section: DataSection, tokeni
 
     def encode(batch: dict) -> dict:
         texts = [batch[c] for c in cols]
-        ids = tokenizer(*texts, truncation=True, max_length=room)["input_ids"]
-        ids = [x + eos if eos and (not x or x[-1] != eos[0]) else x for x in ids]
         full = tokenizer(*texts, truncation=False)["input_ids"]
+        # Tokenized once: only rows longer than `room` are tokenized again, with truncation (for the rest
+        # truncation changes nothing); the untruncated ids count what truncation drops and unknown tokens.
+        ids = list(full)
+        long = [i for i, f in enumerate(full) if len(f) > room]
+        if long:
+            cut = tokenizer(*[[t[i] for i in long] for t in texts], truncation=True, max_length=room)["input_ids"]
+            for i, x in zip(long, cut, strict=True):
+                ids[i] = x
+        ids = [x + eos if eos and (not x or x[-1] != eos[0]) else x for x in ids]
         text = [[t for t in f if t not in markup] for f in full]
         out = {"input_ids": ids, "length": [len(x) for x in ids], "truncated": [len(f) > room for f in full],
                "unk": [x.count(unk) for x in text], "text_tokens": [len(x) for x in text]}
@@ -243,13 +255,53 @@ def tokenize_split(name: str, ds: datasets.Dataset, section: DataSection, tokeni
             out["labels"] = [label_id[label_of(v)] for v in batch[section.label]]
         return out
 
-    # `map` results are cached on disk by the fingerprint of data + function + tokenizer.
-    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {name}")
-    truncated = sum(tokenized["truncated"])
+    # `map` results are cached on disk by the fingerprint of data + tokenizer + settings + code.
+    key = map_fingerprint(ds, tokenizer, cols, section.label if with_labels else None, labels, room, eos)
+    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {name}",
+                       new_fingerprint=key)
+    truncated = int(column(tokenized, "truncated").sum())
     unk_percent = _unknown_share(name, where, tokenizer, unk, tokenized)
     tokenized = tokenized.remove_columns(["truncated", "unk", "text_tokens"])
     return Split(name=name, dataset=tokenized, rows=len(ds), truncated=truncated, where=where,
                  unk_percent=unk_percent)
+
+
+def map_fingerprint(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *settings: object) -> str:
+    """The cache key of a tokenizing `map`, computed without pickling the tokenizer. By default datasets
+    hashes the mapped function with everything it references; dill-pickling the tokenizer took 0.25 s per
+    split for MiniLM's (more for larger vocabularies), paid on every run, cache hit or not. What decides
+    the result: the rows (their fingerprint), the tokenizer, `settings` (the columns, labels, lengths the
+    function reads) and this package's data code, so that an edit to it never reuses stale tokens."""
+    return Hasher.hash([ds._fingerprint, tokenizer_fingerprint(tokenizer), [repr(s) for s in settings],
+                        _data_code()])
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Everything that decides a fast tokenizer's output: its full definition (the `tokenizers` JSON: vocabulary,
+    normalizer, pre-tokenizer, post-processor, added tokens), the chat template, its Python-side settings
+    and special tokens, and the library versions. A slow (Python) tokenizer gets datasets' full hash."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return Hasher.hash(tokenizer)
+    import tokenizers
+    import transformers
+
+    definition = backend.to_str()
+    # The JSON opens with the truncation and padding that the last call left set (transformers sets both on
+    # every call, so they never carry over): left out, or a run with long rows would never hit its cache.
+    definition = definition[max(definition.find('"added_tokens":'), 0):]
+    settings = sorted((k, repr(v)) for k, v in tokenizer.init_kwargs.items())
+    return Hasher.hash([type(tokenizer).__name__, definition, getattr(tokenizer, "chat_template", None),
+                        settings, repr(tokenizer.special_tokens_map), tokenizer.padding_side,
+                        tokenizer.truncation_side, tokenizer.model_max_length, transformers.__version__,
+                        tokenizers.__version__])
+
+
+@functools.cache
+def _data_code() -> str:
+    """The source of the modules whose code the tokenizing functions run."""
+    return Hasher.hash([Path(m.__file__).read_bytes() for m in (validate, sft)] +
+                       [Path(__file__).read_bytes()])
 
 
 def unknown_token(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, frozenset[int]]:
@@ -267,7 +319,7 @@ def _unknown_share(name: str, where: str, tokenizer: PreTrainedTokenizerBase, un
     """Percent of a split's text tokens that became the unknown token; warned about above UNK_WARN_PERCENT."""
     if unk is None:
         return None
-    n_unk, n_text = sum(tokenized["unk"]), sum(tokenized["text_tokens"])
+    n_unk, n_text = int(column(tokenized, "unk").sum()), int(column(tokenized, "text_tokens").sum())
     percent = round(100 * n_unk / max(n_text, 1), 2)
     if percent > UNK_WARN_PERCENT:
         validate.console.print(

@@ -20,6 +20,7 @@ import datasets
 import numpy as np
 
 from deltatune.constants import IGNORE_INDEX
+from deltatune.data.batching import column, rows_of
 
 
 def plan(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
@@ -70,9 +71,10 @@ def pack_rows(input_ids: list[list[int]], labels: list[list[int]] | None, groups
 def pack_dataset(ds: datasets.Dataset, max_length: int, seed: int) -> tuple[datasets.Dataset, dict]:
     """Packed rows of a tokenized dataset (input_ids, length, labels if any), and statistics: examples
     per row and the share of real tokens. The caller wraps them in its Split (data/build.py)."""
-    lengths = list(ds["length"])
+    lengths = column(ds, "length").tolist()
     groups = plan(lengths, max_length, seed)
-    packed = pack_rows(ds["input_ids"], ds["labels"] if "labels" in ds.column_names else None, groups)
+    packed = pack_rows(rows_of(ds, "input_ids"), rows_of(ds, "labels") if "labels" in ds.column_names else None,
+                       groups)
     stats = {"examples": len(lengths), "sequences": len(groups),
              "examples_per_sequence": round(len(lengths) / max(len(groups), 1), 2),
              "fill": round(sum(lengths) / max(len(groups) * max_length, 1), 4)}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,7 +49,8 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, targe
         # peft keeps only the adapter's entries of a whole state dict (and would save an empty adapter from
         # ZeRO-3's placeholder parameters without it: TRL #4416, PEFT #2892).
         kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        with _deepspeed_not_probed():
+            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -68,6 +71,24 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, targe
     kill_point("artifact")  # tests: killed between the two renames; `recover` puts the old copy back
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _deepspeed_not_probed() -> Iterator[None]:
+    """transformers' save_pretrained unwraps the model with accelerate, which imports deepspeed whenever it
+    is installed, only to ask whether the model is a DeepSpeedEngine: 0.7-1 s (and deepspeed's accelerator
+    probe) added to every run's save. No object can be one before deepspeed is imported, so until then
+    accelerate is told, for this call only, that deepspeed is absent. Runs under DeepSpeed import it first."""
+    other = sys.modules.get("accelerate.utils.other")
+    if "deepspeed" in sys.modules or other is None or not hasattr(other, "is_deepspeed_available"):
+        yield  # deepspeed is loaded (the answer matters), or accelerate is not (nothing would ask)
+        return
+    probe = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = probe
 
 
 def recover(run_dir: Path) -> None:

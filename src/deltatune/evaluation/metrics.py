@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False,
                     "perplexity": False, "exact_match": True, "label_accuracy": True}
 TASK_METRICS = {"classification": ("accuracy", "f1", "precision", "recall", "loss"),
@@ -13,6 +11,10 @@ GENERATION_METRICS = ("exact_match", "label_accuracy")
 
 
 def classification(y_true: list[int], y_pred: list[int], num_labels: int) -> dict[str, float]:
+    # Imported here: scikit-learn (with scipy) takes about 1 s to import, which every command that imports
+    # the engine paid, also those that never score a classifier (language-model runs, predict, generate).
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
     average = "binary" if num_labels == 2 else "macro"
     p, r, f, _ = precision_recall_fscore_support(
         y_true, y_pred, average=average, labels=list(range(num_labels)) if average == "macro" else None,
