@@ -34,10 +34,19 @@ from deltatune import methods
 from deltatune.config import RunConfig
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data import DataBundle, Split
-from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
+from deltatune.data.batching import (
+    collate,
+    column,
+    eval_batches,
+    length_grouped_batches,
+    model_inputs,
+    rows_of,
+    shard,
+)
 from deltatune.engine import (
     artifact,
     checkpoints,
+    compiling,
     embedding_grad,
     faults,
     first_token,
@@ -110,7 +119,8 @@ def generation_inputs(split: Split, cfg: RunConfig, tokenizer) -> GenerationEval
     if cfg.eval.generate_rows and cfg.eval.generate_rows < len(rows):
         rows = sorted(random.Random(cfg.data.seed).sample(rows, cfg.eval.generate_rows))
     sample = ds.select(rows)
-    return GenerationEval(tokenizer, sample["prompt_ids"], sample["reference"], cfg.eval.max_new_tokens)
+    return GenerationEval(tokenizer, rows_of(sample, "prompt_ids"), rows_of(sample, "reference"),
+                          cfg.eval.max_new_tokens)
 
 
 @dataclass
@@ -143,7 +153,8 @@ class Run:
     trainable: int  # parameters that train, of `total`
     total: int
     frozen: frozen.FrozenDtype
-    loaded_mb: float | None  # RSS with the model loaded, when the peak could be restarted from there
+    baseline: memory.Baseline  # memory with the model loaded: what training adds is measured from it
+    compile_clock: compiling.CompileClock
     wall_start: float = field(default_factory=time.perf_counter)
     row_grad: embedding_grad.RowGradBuffer | None = None  # set inside `train`'s context
 
@@ -161,11 +172,13 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
             run.saver.restore(resume, tokenizer, log, state)
             log.progress.update(log.task, completed=state.step)
         log.print(f"[bold]distributed[/]: {describe(run.strategy)}")
+        if dist.is_main:
+            log.print(memory_plan(run))
         log.print(f"[dim]precision {run.prec.name} ({run.prec.reason}); {run.trainable:,} of "
                   f"{run.total:,} parameters train; {run.total_steps} steps of {run.global_batch} "
-                  f"examples; heap kept mapped: {run.heap_tuned}; embedding gradient row-buffered: "
-                  f"{run.row_grad is not None}; last layer first token only: {pruned} ({pruned_why}); "
-                  f"{run.frozen.describe()}")
+                  f"examples; optimizer {run.cfg.train.optimizer}; heap kept mapped: {run.heap_tuned}; embedding "
+                  f"gradient row-buffered: {run.row_grad is not None}; last layer first token only: {pruned} "
+                  f"({pruned_why}); {run.frozen.describe()}")
         if resume is None:
             before_training(run, state, log)
         for global_ids in global_batches(run, state):
@@ -186,10 +199,7 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    heap_tuned = keep_heap_mapped() if dist.device.type == "cpu" else False
     prec = precision.resolve(tc.precision, dist.device)
-    # What training adds is measured from here: the model is loaded and the method applied.
-    loaded_mb, peak_reset = memory.rss_mb(), memory.reset_peak()
     if not is_quantized(model):  # 4-bit weights are placed by device_map at load time and cannot move
         model.to(dist.device)
     if tc.gradient_checkpointing:
@@ -204,6 +214,9 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     spread = modes.choose(cfg, dist, prec)
     frozen_base = frozen.apply(model, cfg.model.frozen_dtype, prec.name, methods.REGISTRY[cfg.method.name].saves,
                                spread.name, is_quantized(model))
+    # What training adds is measured from here: the model loaded, the method applied, the base cast.
+    baseline = memory.Baseline.take(dist.device)
+    heap_tuned = keep_heap_mapped() if dist.device.type == "cpu" else False
     net, optimizer, scheduler = spread.wrap(model, lambda m: optim.build_optimizer(m, tc, dist.device, lr_scale),
                                             lambda opt: optim.build_scheduler(opt, tc, total_steps))
     scaler = None if spread.owns_loss_scaling else prec.scaler()
@@ -218,17 +231,19 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     saver = checkpoints.Saver(run_dir, cfg, dist, spread, model, optimizer, scheduler, scaler, train_set,
                               steps_per_epoch, total_steps)
     run = Run(
-        model=model, net=torch.compile(net, dynamic=True) if tc.compile else net, strategy=spread, tokenizer=tokenizer,
-        data=data,
-        cfg=cfg, run_dir=run_dir, dist=dist, prec=prec, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-        lengths=np.asarray(train_set["length"]), global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+        model=model, net=compiling.compile_model(net, tc, cfg.data.max_length) if tc.compile else net,
+        strategy=spread, tokenizer=tokenizer, data=data, cfg=cfg, run_dir=run_dir, dist=dist, prec=prec,
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        lengths=column(train_set, "length"), global_batch=global_batch, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, eval_every=steps_per_epoch if cfg.eval.every == "epoch" else int(cfg.eval.every),
         lm=lm, keep_logits=lm and accepts_logits_mask(model), guard=guard, saver=saver,
         gen_eval=generation_inputs(data.validation, cfg, tokenizer) if data.validation is not None else None,
         probe=forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows, forgetting.probe_length(model))
         if lm and cfg.eval.forgetting else None,
         heap_tuned=heap_tuned, trainable=trainable, total=total, frozen=frozen_base,
-        loaded_mb=loaded_mb if peak_reset else None, wall_start=wall_start)
+        baseline=baseline, compile_clock=compiling.CompileClock(
+            tc.compile, str(compiling.cache_dir(tc)) if tc.compile else None, cfg.data.max_length),
+        wall_start=wall_start)
     return run, state
 
 
@@ -246,7 +261,7 @@ def global_batches(run: Run, state: TrainState) -> Iterator[np.ndarray]:
 def train_step(run: Run, state: TrainState, global_ids: np.ndarray, log: RunLog) -> None:
     """One optimizer step: micro-batches (forward, loss, backward), clipping, the non-finite guard, the
     optimizer and the schedule. The loss is summed over the global batch and divided by its size."""
-    t0 = time.perf_counter()
+    t0, compiled = time.perf_counter(), run.compile_clock.start()
     tc, dist, scaler, spread = run.cfg.train, run.dist, run.scaler, run.strategy
     micro: list[dict] = []
     i = 0
@@ -286,6 +301,7 @@ def train_step(run: Run, state: TrainState, global_ids: np.ndarray, log: RunLog)
     spread.step(run.optimizer, run.scheduler, scaler, skip=skipped)
     state.step += 1
     state.compute_s += time.perf_counter() - t0
+    run.compile_clock.stop(compiled)  # a step in which dynamo compiled counts as compile time
     if not skipped:
         state.window.add(float(step_loss), float(grad_norm), n_items)
 
@@ -302,6 +318,8 @@ def micro_batches(run: Run, global_ids: np.ndarray) -> list[dict]:
     for ids in parts:
         rows = ids if len(ids) else [int(global_ids[0])]
         batch = collate(run.data.train.dataset[rows], run.tokenizer.pad_token_id, lm=run.lm)
+        if tc.compile:  # static-shape graphs: one per length bucket, not one per length
+            batch = compiling.pad_to_bucket(batch, run.tokenizer.pad_token_id, run.cfg.data.max_length)
         batch["real"] = bool(len(ids))
         out.append(batch)
     return out
@@ -366,6 +384,21 @@ def export(run: Run) -> None:
     run.dist.barrier()
 
 
+def memory_plan(run: Run) -> str:
+    """The memory planner's estimate for this run (config only, no weights): one line, a warning when it will
+    not fit the free memory; its predicted increase goes into summary.json next to the measured one."""
+    from deltatune.plan import memory as planner
+
+    try:
+        est = planner.estimate(run.cfg, devices=run.dist.world, device=run.dist.device.type)
+    except Exception as e:  # noqa: BLE001 - the plan informs; an architecture it cannot trace must not stop training
+        return f"[yellow]memory plan: not available for this run ({type(e).__name__}: {e})[/]"
+    run.baseline.planned_increase_mb = round(est.increase / 2**20, 1)
+    free = planner.free_memory_bytes(run.dist.device)
+    line = planner.start_line(est, free)
+    return f"[dim]{line}[/]" if est.fits(free) else f"[bold yellow]warning: {line}[/]"
+
+
 def describe(spread: Single) -> str:
     d = spread.describe()
     parts = [f"{d['mode']}", f"world size {d['world_size']}", f"backend {d['backend'] or 'none'}",
@@ -412,15 +445,6 @@ def after_training(run: Run, state: TrainState) -> dict | None:
     return forgot
 
 
-def memory_record(run: Run) -> dict:
-    """This rank's memory: as loaded, the peak since then, and the increase that training made."""
-    if run.loaded_mb is None:
-        return {"loaded_mb": None, "peak_mb": None, "peak_increase_mb": None}
-    peak = memory.peak_since_reset_mb()
-    return {"loaded_mb": round(run.loaded_mb, 1), "peak_mb": round(peak, 1),
-            "peak_increase_mb": round(peak - run.loaded_mb, 1)}
-
-
 def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forgot: dict | None) -> dict:
     """What `summary.json` reports of the training itself (api.train adds the run's identity)."""
     dist, model = run.dist, run.model
@@ -431,10 +455,12 @@ def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forg
         "tokens": int(dist.all_sum(state.tokens)),
         "tokens_per_s": round(dist.all_sum(state.tokens) / max(state.compute_s, 1e-9), 1),
         "trainable_params": run.trainable, "total_params": run.total,
-        "peak_rss_mb": round(memory.peak_rss_mb(), 1), "memory_per_rank": dist.gather_objects(memory_record(run)),
+        "peak_rss_mb": round(memory.peak_rss_mb(), 1), "memory_per_rank": dist.gather_objects(run.baseline.record()),
         "peak_rss_mb_per_rank": dist.gather_objects(round(memory.peak_rss_mb(), 1)),
         "live_tensor_mb_per_rank": dist.gather_objects(round(memory.live_tensor_mb(), 1)),
         "frozen_dtype": run.frozen.name, "frozen_dtype_reason": run.frozen.reason,
+        "optimizer": run.cfg.train.optimizer, "optimizer_state_mb": round(optim.state_bytes(run.optimizer) / 2**20, 1),
+        "compile_s": run.compile_clock.summary()["compile_s"], "compile": run.compile_clock.summary(),
         "best_step": state.best_step, "best_metric": run.cfg.metric, "best_metrics": state.best_metrics,
         "stopped_early": state.stopped_early, "evals": state.evals, "world_size": dist.world,
         "distributed": run.strategy.describe(),
@@ -510,7 +536,7 @@ def evaluate(model: torch.nn.Module, split: Split, num_labels: int, prec: precis
     # the loss makes another copy): batches are capped so that they stay near LM_LOGITS_BUDGET values.
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32_000
     max_tokens = LM_LOGITS_BUDGET // vocab if lm and not keep_logits else None
-    batches = eval_batches(ds["length"], batch_size, max_tokens)
+    batches = eval_batches(column(ds, "length"), batch_size, max_tokens)
     mine = batches[rank::world]
     filler = (-(-len(batches) // world) - len(mine)) if synced else 0
     for j, ids in enumerate(mine + batches[:1] * filler):

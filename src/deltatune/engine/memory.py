@@ -7,7 +7,10 @@ measures the same quantity so every run's summary.json checks the prediction.
 
 from __future__ import annotations
 
+import ctypes
 import resource
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +53,49 @@ def reset_peak() -> bool:
 def peak_since_reset_mb() -> float:
     peak = _status_mb("VmHWM")
     return peak if peak is not None else peak_rss_mb()
+
+
+def release_free_heap() -> None:
+    """Give memory the allocator holds but no tensor uses back to the OS (glibc malloc_trim), so that loading's
+    freed buffers do not hide part of what training adds (it would reuse them without raising RSS)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+@dataclass
+class Baseline:
+    """Memory with the model loaded; `record()` later gives the peak since then and the increase.
+
+    CPU: resident memory (RSS) and its peak (VmHWM, restarted here). CUDA: torch's allocated bytes and
+    max_memory_allocated, restarted here. None where the peak cannot be restarted."""
+    device: str
+    loaded_mb: float | None
+    planned_increase_mb: float | None = None  # the memory planner's prediction, set by the loop
+
+    @classmethod
+    def take(cls, device: torch.device) -> Baseline:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return cls("cuda", torch.cuda.memory_allocated(device) / 2**20)
+        release_free_heap()
+        now = rss_mb()
+        return cls("cpu", now if reset_peak() else None)
+
+    def peak_mb(self) -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else peak_since_reset_mb()
+
+    def record(self) -> dict:
+        out = {"measured": "cuda max_memory_allocated" if self.device == "cuda" else "RSS", "loaded_mb": None,
+               "peak_mb": None, "peak_increase_mb": None, "planned_increase_mb": self.planned_increase_mb}
+        if self.loaded_mb is not None:
+            peak = self.peak_mb()
+            out.update(loaded_mb=round(self.loaded_mb, 1), peak_mb=round(peak, 1),
+                       peak_increase_mb=round(peak - self.loaded_mb, 1))
+        return out
 
 
 def live_tensor_mb() -> float:
