@@ -1,15 +1,15 @@
-"""deltatune on the same data with the same hyper-parameters, through its public library API."""
+"""deltatune on the same data with the same hyper-parameters, through its public library API: what a user's
+script does (train, then score the test split), nothing else, so the process's wall time is the user's."""
 
 from __future__ import annotations
 
-from common import HPARAMS, WORK, prepare, read_tsv, real_tokens, report
+from common import HPARAMS, WORK, prepared, report
 
 from deltatune import api, config
-from deltatune.models import load_tokenizer
 
 
 def main() -> None:
-    files = prepare()
+    files = prepared()
     h = HPARAMS
     cfg = config.load(None, [
         f"model.name={h['model']}", f"data.train={files['train']}", "data.validation=null", "data.text=sentence",
@@ -20,10 +20,8 @@ def main() -> None:
     ])
     summary = api.train(cfg)
     result = api.evaluate(WORK / "deltatune", str(files["test"]))
-    tokens = real_tokens(load_tokenizer(h["model"]), [r["text"] for r in read_tsv(files["train"])]) * h["epochs"]
-    seconds = summary["train_seconds"]
-    report({"recipe": "deltatune", "precision": summary["precision"], "train_seconds": seconds,
-            "real_tokens_per_s": round(tokens / seconds, 1), "accuracy": result["accuracy"], "f1": result["f1"]})
+    report({"recipe": "deltatune", "precision": summary["precision"], "train_seconds": summary["train_seconds"],
+            "accuracy": result["accuracy"], "f1": result["f1"]})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import random
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from deltatune.data.batching import column
 from deltatune.data.build import Split
 from deltatune.data.builtin import BUILTIN_DATASETS
 
@@ -44,7 +45,7 @@ def probe_split(tokenizer: PreTrainedTokenizerBase, rows: int, max_length: int =
 
 
 def report(before: dict, after: dict, split: Split, after_step: int) -> dict:
-    tokens = int(sum(split.dataset["length"]))
+    tokens = int(column(split.dataset, "length").sum())
     return {"text": split.where, "tokens": tokens,
             "perplexity_before": round(before["perplexity"], 4), "perplexity_after": round(after["perplexity"], 4),
             "change_percent": round(100 * (after["perplexity"] / before["perplexity"] - 1), 2),
