@@ -168,12 +168,12 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
           embedding_grad.row_buffered(model, dist.world if run.strategy.name in ("single", "ddp") else 0)
           as run.row_grad,
           first_token.first_token_only(model, cfg.task) as (pruned, pruned_why)):
+        if dist.is_main:
+            log.print(memory_plan(run))
         if resume is not None:
             run.saver.restore(resume, tokenizer, log, state)
             log.progress.update(log.task, completed=state.step)
         log.print(f"[bold]distributed[/]: {describe(run.strategy)}")
-        if dist.is_main:
-            log.print(memory_plan(run))
         log.print(f"[dim]precision {run.prec.name} ({run.prec.reason}); {run.trainable:,} of "
                   f"{run.total:,} parameters train; {run.total_steps} steps of {run.global_batch} "
                   f"examples; optimizer {run.cfg.train.optimizer}; heap kept mapped: {run.heap_tuned}; embedding "
@@ -384,13 +384,24 @@ def export(run: Run) -> None:
     run.dist.barrier()
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Python's, numpy's and torch's (CPU) random states as they were on entry, whatever runs inside."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
 def memory_plan(run: Run) -> str:
     """The memory planner's estimate for this run (config only, no weights): one line, a warning when it will
     not fit the free memory; its predicted increase goes into summary.json next to the measured one."""
     from deltatune.plan import memory as planner
 
     try:
-        est = planner.estimate(run.cfg, devices=run.dist.world, device=run.dist.device.type)
+        with preserved_rng():  # the planner builds (meta) models: it must not move the run's random streams
+            est = planner.estimate(run.cfg, devices=run.dist.world, device=run.dist.device.type)
     except Exception as e:  # noqa: BLE001 - the plan informs; an architecture it cannot trace must not stop training
         return f"[yellow]memory plan: not available for this run ({type(e).__name__}: {e})[/]"
     run.baseline.planned_increase_mb = round(est.increase / 2**20, 1)
