@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--only", default="", help="only the recipes and switches whose name contains this word")
+    ap.add_argument("--skip", action="append", default=[], help="leave out `RECIPE / SWITCH` pairs containing this "
+                    "(repeatable), e.g. --skip 'smollm2-135m sft / compile'")
     ap.add_argument("--tiny", action="store_true", help="check that the bench works: 2 steps on 32 rows, 1 round, "
                     "no compile; writes nothing to docs/")
     args = ap.parse_args()
@@ -154,6 +156,8 @@ def main() -> None:
             cache = Path(tempfile.mkdtemp(prefix="switch-compile-cache-"))  # cold in each round, warm after
             for switch, overrides in switches:
                 if args.only and args.only not in recipe and args.only not in switch:
+                    continue
+                if any(word in f"{recipe} / {switch}" for word in args.skip):
                     continue
                 print(f"{recipe} / {switch} ...", flush=True)
                 row = run_one(recipe, switch, overrides, steps, cache, extra)
