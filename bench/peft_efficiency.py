@@ -4,8 +4,7 @@
 recipes round after round, on the same config, data, steps, batch and precision, changing only `method`:
 
 - SmolLM2-135M sft (configs/smollm2-sentiment-full.yaml): full fine-tuning, LoRA r=16 all-linear as it now
-  runs, the same with peft's own layer forward (method.fused_forward=false), and LoRA as it ran before issue 13
-  (dropout 0.05, frozen base kept in fp32 under autocast, peft's forward);
+  runs, and LoRA as it ran before issue 13 (dropout 0.05, frozen base kept in fp32 under autocast);
 - MiniLM-L6 classification (configs/quickstart.yaml): full fine-tuning and LoRA r=8.
 
 Evaluation, the forgetting probe and the validation split are off (data.validation=null), so the numbers are
@@ -26,15 +25,13 @@ from common import train_recipe
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["data.validation=null", "eval.at_start=false", "eval.forgetting=false"]
 LORA16 = ["method.name=lora", "method.r=16", "method.alpha=32", "method.target_modules=all-linear"]
-BEFORE = ["method.dropout=0.05", "model.frozen_dtype=fp32", "method.fused_forward=false"]  # before issue 13
+BEFORE = ["method.dropout=0.05", "model.frozen_dtype=fp32"]  # LoRA's defaults before issue 13
 # (model label, recipe, label, overrides); the first of each model is the reference the others are compared to.
 RECIPES = [
     ("smollm2-135m sft", "smollm2-sentiment-full", "full", []),
     ("smollm2-135m sft", "smollm2-sentiment-full", "lora r=16 all-linear", LORA16),
-    ("smollm2-135m sft", "smollm2-sentiment-full", "lora r=16, peft's forward",
-     LORA16 + ["method.fused_forward=false"]),
-    ("smollm2-135m sft", "smollm2-sentiment-full", "lora r=16, as before (dropout 0.05, fp32 frozen base, peft's "
-     "forward)", LORA16 + BEFORE),
+    ("smollm2-135m sft", "smollm2-sentiment-full", "lora r=16, as before (dropout 0.05, fp32 frozen base)",
+     LORA16 + BEFORE),
     ("minilm-l6 classification", "quickstart", "full", []),
     ("minilm-l6 classification", "quickstart", "lora r=8", ["method.name=lora", "method.r=8", "method.alpha=16"]),
 ]

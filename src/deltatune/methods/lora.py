@@ -15,7 +15,6 @@ import torch
 from pydantic import Field
 
 from deltatune.errors import ConfigError
-from deltatune.methods import lora_fast
 from deltatune.methods.common import (
     HEAD_NAMES,
     block_projections,
@@ -41,9 +40,6 @@ class Config(Section):
     variant: Literal["lora", "dora", "rslora"] = "lora"
     init: Literal["default", "gaussian", "pissa"] = "default"
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: lr of B = lr x this")
-    fused_forward: bool = Field(True, description="deltatune's forward for plain LoRA on Linear layers: the same "
-                                "function as peft's with fewer passes over activations (methods/lora_fast.py); "
-                                "false = peft's own")
 
 
 def targets(model: torch.nn.Module, target_modules: str | list[str]) -> str | list[str]:
@@ -102,10 +98,7 @@ def apply(model: torch.nn.Module, cfg: Config, task: str) -> torch.nn.Module:
     with warnings.catch_warnings():
         # Only with targets mixing Linear and Conv1D: peft then sets the flag per layer, correctly.
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to", category=UserWarning)
-        model = get_peft_model(model, peft_cfg)
-    if cfg.fused_forward:
-        lora_fast.install(model)
-    return model
+        return get_peft_model(model, peft_cfg)
 
 
 class QLoRAConfig(Config):
