@@ -226,3 +226,19 @@ def test_llama7b_lora_qv_fits_16gb(llama7b):
                                "method.target_modules=[q_proj,v_proj]", "train.precision=bf16",
                                "train.batch_size=1", "data.max_length=512"), device="cuda")
     assert est.fits(16 * GiB) and not est.fits(14 * GiB)
+
+
+# ---------------------------------------------------------------------------------------------
+# deltatune train: the plan at start, the prediction next to the measurement
+
+
+def test_train_prints_the_plan_warns_when_it_will_not_fit_and_records_it(make_config, monkeypatch, capsys):
+    from deltatune import api
+
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 2**20)  # a machine with 1 MiB free
+    s = api.train(make_config(**{"train.max_steps": 3, "data.validation": None}))
+    out = " ".join(capsys.readouterr().err.split())  # the console writes to stderr, wrapped
+    assert "memory plan: peak ~" in out and "WILL NOT FIT the 1 MiB free" in out
+    mem = s["memory_per_rank"][0]
+    assert mem["planned_increase_mb"] > 0 and mem["peak_increase_mb"] is not None  # trained anyway: a warning
+    assert mem["measured"] == "RSS" and mem["peak_mb"] >= mem["loaded_mb"]
