@@ -5,12 +5,11 @@
 
 Each configuration is a short real run (train.max_steps=6, no evaluation, no forgetting probe, a small
 data.sample), one at a time, each inside `flock /tmp/prompts/heavy.lock` when that lock exists (a shared
-machine). Measured: peak RSS increase over RSS after loading, per rank. A probe (sitecustomize.py on
-PYTHONPATH) wraps deltatune.engine.loop.train in every process: at entry (model loaded, method applied, data
-built) it returns freed heap to the OS (malloc_trim), reads VmRSS, and resets the kernel's peak counter
-(/proc/self/clear_refs = 5); at exit it reads VmHWM. Predicted: deltatune.plan.memory.estimate at the
-longest tokenized row of the sample (the loop runs the longest batch first) and, for sft, its most
-target tokens. When summary.json carries `memory.peak_increase_mb` (the lead's field), it is reported too.
+machine). Measured: summary.json's `memory_per_rank` (engine/memory.py: with the model loaded, the method
+applied and a frozen base cast, freed heap is returned to the OS (malloc_trim), RSS read and the kernel's peak
+counter restarted; the increase is the peak since then minus that RSS), the largest rank. Predicted:
+deltatune.plan.memory.estimate at the longest tokenized row of the sample (the loop runs the longest batch
+first) and, for sft, its most target tokens.
 """
 
 from __future__ import annotations
@@ -63,37 +62,6 @@ CONFIGS: list[tuple[str, list[str], int]] = [
     ("smollm2 lora fp32 DDP x2", [*SMOL, *LORA, "train.precision=fp32"], 2),
 ]
 
-PROBE = '''
-import ctypes, json, os, resource
-def _rss(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-try:
-    from deltatune.engine import loop as _loop
-    _train = _loop.train
-    def train(*args, **kwargs):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        base = _rss("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        try:
-            return _train(*args, **kwargs)
-        finally:
-            out = os.path.join(os.environ["DT_PLAN_PROBE"], "rank%s.json" % os.environ.get("RANK", "0"))
-            with open(out, "w") as f:
-                json.dump({"rss_after_load_mb": base, "peak_mb": _rss("VmHWM"),
-                           "increase_mb": _rss("VmHWM") - base}, f)
-    _loop.train = train
-except ImportError:
-    pass
-'''
-
-
 def predicted(overrides: list[str], nproc: int) -> tuple[float, dict]:
     """The planner's peak increase per rank (MB) at the sample's longest row and most target tokens."""
     import numpy as np
@@ -117,27 +85,20 @@ def predicted(overrides: list[str], nproc: int) -> tuple[float, dict]:
 
 
 def measured(name: str, overrides: list[str], nproc: int, out_dir: Path) -> dict:
-    """Run it (under the heavy lock when there is one); the probe's numbers per rank and summary.json."""
-    probe_dir = Path(tempfile.mkdtemp(prefix="plan-probe-"))
-    (probe_dir / "sitecustomize.py").write_text(PROBE, encoding="utf-8")
-    env = {**os.environ, "DT_PLAN_PROBE": str(probe_dir),
-           "PYTHONPATH": os.pathsep.join([str(probe_dir), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    """Run it (under the heavy lock when there is one); summary.json's measured increase per rank."""
     run_dir = out_dir / name.replace(" ", "-").replace("(", "").replace(")", "")
     cmd = [sys.executable, "-m", "deltatune", "train", *overrides, *COMMON, f"output.dir={run_dir}",
            *(["--nproc", str(nproc)] if nproc > 1 else [])]
     if LOCK.exists():
         cmd = ["flock", str(LOCK), *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"], "seconds": seconds}
-    ranks = [json.loads(p.read_text()) for p in sorted(probe_dir.glob("rank*.json"))]
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"ranks": ranks, "increase_mb": max(r["increase_mb"] for r in ranks), "seconds": seconds,
-            "summary_increase_mb": (summary.get("memory") or {}).get("peak_increase_mb"),
-            "planned_in_summary_mb": (summary.get("memory") or {}).get("planned_peak_increase_mb")}
+    ranks = json.loads((run_dir / "summary.json").read_text())["memory_per_rank"]
+    return {"ranks": ranks, "increase_mb": max(r["peak_increase_mb"] for r in ranks), "seconds": seconds,
+            "planned_in_summary_mb": ranks[0].get("planned_increase_mb")}
 
 
 def table(rows: list[dict]) -> str:

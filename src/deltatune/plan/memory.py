@@ -15,7 +15,7 @@ What a training step holds at its peak (the start of the backward pass of the lo
     distribution  DDP's gradient buckets; FSDP2 and ZeRO shard weights/gradients/states over N devices (plus
                   one gathered block, DeepSpeed's fp32 master partition and reduce bucket); offload moves
                   optimizer state (and parameters) to CPU memory
-    framework     a fixed allowance plus allocator slack on the batch-dependent part (calibrated, docs/plan.md)
+    framework     a fixed allowance plus allocator slack on the batch-dependent part (first guesses, docs/plan.md)
 
 `Estimate.increase` is the peak minus the model as loaded: on CPU the measured peak RSS increase over RSS
 after loading (what bench/plan_validation.py compares).
@@ -35,7 +35,7 @@ from deltatune.plan import params as plan_params
 
 GiB = 2**30
 MiB = 2**20
-# Calibrated on this machine's CPU runs (bench/plan_validation.py, docs/plan.md); physical meaning kept:
+# First guesses, not yet calibrated (docs/plan.md: the validation table and what it still misses):
 FRAMEWORK_FIXED = {"cpu": 48 * MiB, "cuda": 512 * MiB}  # CPU: autograd graph, allocator arenas; CUDA: context, cuBLAS
 ALLOCATOR_SLACK = {"cpu": 0.10, "cuda": 0.05}  # of the batch-dependent bytes: fragmentation, transient buffers
 NF4_BYTES = 0.5  # two 4-bit values per byte
