@@ -99,6 +99,9 @@ def test_summary_records_what_ran(full_runs):
         ("fsdp", 2, "gloo", "FSDP2 fully_shard", "none")
     assert d["sharding"] == "parameters, gradients and optimizer state per block (2 blocks + root)"
     assert full_runs[1]["distributed"]["mode"] == "single"
+    # Each rank holds its shard of AdamW's two fp32 moments: about half of one process's state (rank 0's).
+    one, sharded = full_runs[1]["optimizer_state_mb"], full_runs[3]["optimizer_state_mb"]
+    assert 0.4 * one < sharded < 0.7 * one
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from deltatune.data import build
-from deltatune.data.batching import column, rows_of
+from deltatune.data.columns import column, rows_of
 
 from .conftest import data_section, toy_rows, write_jsonl
 

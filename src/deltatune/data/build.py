@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from deltatune.config import DataSection, is_lm
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data import packing, sft, sources, validate
-from deltatune.data.batching import column, rows_of
+from deltatune.data.columns import column, rows_of
 from deltatune.data.validate import label_of  # by name: `map` hashes what `encode` uses, and the module holds a Console
 from deltatune.errors import DataError
 

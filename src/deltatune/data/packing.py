@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 
 from deltatune.constants import IGNORE_INDEX
-from deltatune.data.batching import column, rows_of
+from deltatune.data.columns import column, rows_of
 
 
 def plan(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:

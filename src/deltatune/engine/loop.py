@@ -34,15 +34,8 @@ from deltatune import methods
 from deltatune.config import RunConfig
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data import DataBundle, Split
-from deltatune.data.batching import (
-    collate,
-    column,
-    eval_batches,
-    length_grouped_batches,
-    model_inputs,
-    rows_of,
-    shard,
-)
+from deltatune.data.batching import collate, eval_batches, length_grouped_batches, model_inputs, shard
+from deltatune.data.columns import column, rows_of
 from deltatune.engine import (
     artifact,
     checkpoints,

@@ -61,12 +61,16 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainSection, device: torch.dev
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state held now (moments, quantization maps and scales; step counters too)."""
+    """Bytes of optimizer state this process holds now (moments, quantization maps and scales; step counters
+    too). Sharded states (FSDP2's DTensors) count their local shard."""
     seen: dict[int, int] = {}
     for state in optimizer.state.values():
         for value in state.values():
-            if isinstance(value, torch.Tensor) and value.device.type != "meta":
-                seen[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+            if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+                continue
+            local = value.to_local() if hasattr(value, "to_local") else value
+            storage = local.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 

@@ -19,9 +19,9 @@ import random
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from deltatune.data.batching import column
 from deltatune.data.build import Split
 from deltatune.data.builtin import BUILTIN_DATASETS
+from deltatune.data.columns import column
 
 SOURCE = "bbc-news"
 TOKENS = 256  # per article: fixed, so runs with different data.max_length compare
