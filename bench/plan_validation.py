@@ -6,7 +6,7 @@
 Each configuration is a short real run (train.max_steps=6, no evaluation, no forgetting probe, a small
 data.sample), one at a time, each inside `flock /tmp/prompts/heavy.lock` when that lock exists (a shared
 machine). Measured: summary.json's `memory_per_rank` (engine/memory.py: with the model loaded, the method
-applied and a frozen base cast, freed heap is returned to the OS (malloc_trim), RSS read and the kernel's peak
+applied and a frozen base cast, RSS read and the kernel's peak
 counter restarted; the increase is the peak since then minus that RSS), the largest rank. Predicted:
 deltatune.plan.memory.estimate at the longest tokenized row of the sample (the loop runs the longest batch
 first) and, for sft, its most target tokens.

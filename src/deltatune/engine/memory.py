@@ -7,9 +7,7 @@ measures the same quantity so every run's summary.json checks the prediction.
 
 from __future__ import annotations
 
-import ctypes
 import resource
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +53,6 @@ def peak_since_reset_mb() -> float:
     return peak if peak is not None else peak_rss_mb()
 
 
-def release_free_heap() -> None:
-    """Give memory the allocator holds but no tensor uses back to the OS (glibc malloc_trim), so that loading's
-    freed buffers do not hide part of what training adds (it would reuse them without raising RSS)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 @dataclass
 class Baseline:
     """Memory with the model loaded; `record()` later gives the peak since then and the increase.
@@ -81,7 +69,8 @@ class Baseline:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             return cls("cuda", torch.cuda.memory_allocated(device) / 2**20)
-        release_free_heap()
+        # No malloc_trim here: a CI run that called it in every training of one pytest process aborted with
+        # glibc's "corrupted double-linked list"; glibc trims freed heap by itself until keep_heap_mapped.
         now = rss_mb()
         return cls("cpu", now if reset_peak() else None)
 
