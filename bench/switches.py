@@ -8,8 +8,7 @@ decoders' usual cases; here full fine-tuning, where the optimizer state is large
 empty cache; warm: the cache the cold run filled). Every variant runs in its own child process (so its memory is
 its own), the variants alternate within each round, and the table reports medians over the rounds:
 - steps/s and tokens/s over training time without compiling (summary.json's compute_seconds - compile_s);
-- peak RSS increase: the process's peak resident memory minus its resident memory when training starts (the
-  model loaded), read from /proc by a probe around engine.loop.train;
+- peak RSS increase: summary.json's `memory_per_rank` (the peak since the model was loaded, minus RSS then);
 - compile_s (compile variants), and optimizer state (summary.json's optimizer_state_mb, when recorded).
 Writes docs/efficiency-table.md. Children run under `flock /tmp/prompts/heavy.lock` when that file exists.
 
@@ -56,53 +55,22 @@ SWITCHES: list[tuple[str, list[str]]] = [
 if torch.cuda.is_available():
     SWITCHES.insert(2, ("paged_adamw_8bit", ["train.optimizer=paged_adamw_8bit"]))
 
-PROBE = '''
-import json, os
-def _rss(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-try:
-    from deltatune.engine import loop as _loop
-    _train = _loop.train
-    def train(*args, **kwargs):
-        base = _rss("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS: the peak from here on
-        try:
-            return _train(*args, **kwargs)
-        finally:
-            with open(os.path.join(os.environ["DT_SWITCH_PROBE"], "rss.json"), "w") as f:
-                json.dump({"loaded_mb": base, "increase_mb": _rss("VmHWM") - base}, f)
-    _loop.train = train
-except ImportError:
-    pass
-'''
-
-
 def run_one(recipe: str, switch: str, overrides: list[str], steps: int, cache: Path, extra: list[str]) -> dict:
-    """One child `deltatune train`; its summary.json plus the probe's memory numbers."""
-    probe = Path(tempfile.mkdtemp(prefix="switch-probe-"))
-    (probe / "sitecustomize.py").write_text(PROBE, encoding="utf-8")
-    env = {**os.environ, "DT_SWITCH_PROBE": str(probe),
-           "PYTHONPATH": os.pathsep.join([str(probe), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    """One child `deltatune train`; its summary.json (memory: `memory_per_rank`, engine/memory.py)."""
     out = WORK / f"{recipe}-{switch}".replace(" ", "-").replace("(", "").replace(")", "")
     compile_cache = [f"train.compile_cache={cache}"] if "train.compile=true" in overrides else []
     cmd = [sys.executable, "-m", "deltatune", "train", *RECIPES[recipe], *COMMON, f"train.max_steps={steps}",
            *overrides, *compile_cache, *extra, f"output.dir={out}"]
     if LOCK.exists():
         cmd = ["flock", str(LOCK), *cmd]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         sys.exit(f"{recipe} / {switch} failed:\n{done.stderr[-3000:]}\n{done.stdout[-2000:]}")
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    rss = json.loads((probe / "rss.json").read_text(encoding="utf-8"))
-    shutil.rmtree(probe, ignore_errors=True)
     train_s = summary["compute_seconds"] - summary.get("compile_s", 0.0)
     train_s = max(train_s, 1e-9)
     return {"steps_per_s": summary["steps"] / train_s, "tokens_per_s": summary["tokens"] / train_s,
-            "increase_mb": rss["increase_mb"], "compile_s": summary.get("compile_s"),
+            "increase_mb": summary["memory_per_rank"][0]["peak_increase_mb"], "compile_s": summary.get("compile_s"),
             "optimizer_state_mb": summary.get("optimizer_state_mb")}
 
 
