@@ -43,12 +43,18 @@ def model_config(cfg: RunConfig, num_labels: int, layers: int | None = None):
 
 
 def build(cfg: RunConfig, model_cfg, attention: str | None = None) -> torch.nn.Module:
-    """The task's model from `model_cfg`, on whatever device or fake-tensor mode the caller is inside."""
+    """The task's model from `model_cfg`, on whatever device or fake-tensor mode the caller is inside.
+
+    Its weights are never initialised: planning needs shapes only, and random initialisation run under
+    FakeTensorMode (the planner's trace) left the process broken: a later meta-device model build (any
+    from_pretrained) segfaulted in torch's prims `uniform` (5 of 6 runs of three test files; 0 of 6 since)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.initialization import no_init_weights
 
     auto = AutoModelForCausalLM if cfg.lm else AutoModelForSequenceClassification
     extra = {"attn_implementation": attention} if attention else {}
-    return auto.from_config(model_cfg, trust_remote_code=cfg.model.trust_remote_code, **extra)
+    with no_init_weights():
+        return auto.from_config(model_cfg, trust_remote_code=cfg.model.trust_remote_code, **extra)
 
 
 def skeleton(cfg: RunConfig, num_labels: int) -> torch.nn.Module:
