@@ -36,11 +36,12 @@ def test_resolve(requested, precision, saves, strategy, quantized, expected):
         assert name == expected and why
 
 
-def _lora_llama(tiny_llama):
+def _lora_llama(tiny_llama, variant="lora"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    cfg = config.load(None, ["task=causal_lm", f"model.name={tiny_llama}", "method.name=lora", "method.dropout=0",
+    cfg = config.load(None, ["task=causal_lm", f"model.name={tiny_llama}", "method.name=lora",
+                             f"method.variant={variant}", "method.dropout=0",
                              "method.target_modules=all-linear", "data.train=x.jsonl"])
     model = methods.apply(model, cfg.method, cfg.task)
     torch.manual_seed(1)  # B is zero at init: give both factors values so that every gradient is non-zero
@@ -101,3 +102,55 @@ def test_lora_run_in_bf16_keeps_the_base_in_bf16_and_reports_it(make_config, tin
     full = api.train(make_config(model=tiny_llama, **{"train.precision": "bf16", "train.max_steps": 2,
                                                       "data.validation": None, "output.dir": str(tmp_path / "f")}))
     assert full["frozen_dtype"] == "fp32" and "saves the whole model" in full["frozen_dtype_reason"]
+
+
+def _saved_bytes_and_results(model, ids):
+    """Logits, adapter gradients, and the bytes autograd held for backward in one forward pass (each storage
+    counted once: a tensor saved by two nodes is held once)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits
+    logits.float().logsumexp(-1).sum().backward()
+    return sum(saved.values()), logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@needs_bf16
+def test_adapter_inputs_are_not_cast_to_fp32_under_autocast(tiny_llama):
+    """peft casts each LoRA layer's bf16 input to fp32, which autocast casts back to bf16 and keeps for
+    backward. Without that round trip: the same logits and gradients bit for bit, and no second bf16 copy of
+    an input the graph holds anyway."""
+    torch.manual_seed(0)
+    ids = torch.randint(5, 150, (2, 12))
+    runs = []
+    for skip in (False, True):
+        model = _lora_llama(tiny_llama)
+        frozen.cast_frozen_linears(model, torch.bfloat16)
+        if skip:
+            assert frozen.skip_adapter_input_casts(model, "bf16") == 14
+        runs.append(_saved_bytes_and_results(model, ids))
+    assert frozen.skip_adapter_input_casts(_lora_llama(tiny_llama), "fp32") == 0  # no autocast: peft's cast stays
+    # DoRA rounds its extra elementwise work on the input differently in bf16 (measured: logits differ)
+    assert frozen.skip_adapter_input_casts(_lora_llama(tiny_llama, "dora"), "bf16") == 0
+    (bytes_cast, a, grads_a), (bytes_kept, b, grads_b) = runs
+    assert torch.equal(a, b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    # Only o_proj and down_proj get bf16 inputs (q,k,v,gate,up read the fp32 output of RMSNorm, which peft
+    # leaves alone). o_proj's input, the attention output, is held for backward anyway, so its cast copy
+    # was a second one: 2 layers x 24 tokens x 32 values x 2 bytes. (down_proj's input is held only by the
+    # adapter: the copy replaced it, same bytes either way.)
+    assert bytes_cast - bytes_kept == 2 * 24 * 32 * 2
+
+
+@needs_bf16
+def test_run_in_bf16_records_the_skipped_input_casts(make_config, tiny_llama):
+    s = api.train(make_config(model=tiny_llama, **{"method.name": "lora", "train.precision": "bf16",
+                                                   "train.max_steps": 2, "data.validation": None}))
+    assert s["adapter_input_casts_skipped"] == 14
+    assert api.train(make_config(model=tiny_llama, **{"method.name": "lora", "train.precision": "fp32",
+                                                      "train.max_steps": 2, "data.validation": None,
+                                                      "output.overwrite": True}))["adapter_input_casts_skipped"] == 0

@@ -193,7 +193,7 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     if tc.threads:
         torch.set_num_threads(tc.threads)
     prec = precision.resolve(tc.precision, dist.device)
-    if not is_quantized(model):  # 4-bit weights are placed by device_map at load time and cannot move
+    if not is_quantized(model):  # 4-/8-bit weights are placed by device_map at load time and cannot move
         model.to(dist.device)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -463,6 +463,7 @@ def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forg
         "peak_rss_mb_per_rank": dist.gather_objects(round(memory.peak_rss_mb(), 1)),
         "live_tensor_mb_per_rank": dist.gather_objects(round(memory.live_tensor_mb(), 1)),
         "frozen_dtype": run.frozen.name, "frozen_dtype_reason": run.frozen.reason,
+        "adapter_input_casts_skipped": run.frozen.input_casts_skipped,
         "optimizer": run.cfg.train.optimizer, "optimizer_state_mb": round(optim.state_bytes(run.optimizer) / 2**20, 1),
         "compile_s": run.compile_clock.summary()["compile_s"], "compile": run.compile_clock.summary(),
         "best_step": state.best_step, "best_metric": run.cfg.metric, "best_metrics": state.best_metrics,
