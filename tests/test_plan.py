@@ -143,8 +143,14 @@ def test_bf16_frozen_weights_and_4bit_bases(tiny):
     fp32 = memory.estimate(tiny("method.name=lora", "train.precision=bf16", "model.frozen_dtype=fp32"), device="cpu")
     bf16 = memory.estimate(tiny("method.name=lora", "train.precision=bf16"), device="cpu")  # auto: bf16 here
     nf4 = memory.estimate(tiny("method.name=qlora", "train.precision=bf16"), device="cpu")
+    int8 = memory.estimate(tiny("method.name=qlora", "method.bits=8", "train.precision=bf16"), device="cpu")
     assert bf16.breakdown["weights"] < fp32.breakdown["weights"]
-    assert nf4.breakdown["weights"] < bf16.breakdown["weights"]
+    assert nf4.breakdown["weights"] < int8.breakdown["weights"] < bf16.breakdown["weights"]
+    # hidden 32, intermediate 64, one key/value head of 16, 2 layers: q,o 32x32, k,v 16x32, gate,up 64x32,
+    # down 32x64: 2 x 9,216 = 18,432 quantized values in 2 x 256 = 512 rows. int8: a byte each + an fp32
+    # scale per row; NF4: half a byte + (1 + 4/256) bytes per 64 values (double quantization).
+    assert int8.breakdown["weights"] - nf4.breakdown["weights"] == pytest.approx(
+        (18432 + 4 * 512) - (18432 / 2 + (1 + 4 / 256) * 18432 / 64), abs=2)
     # no per-step bf16 copies of frozen weights held for backward
     assert bf16.breakdown["activations"] < fp32.breakdown["activations"]
     # auto keeps fp32 where engine/frozen.py does: fp32 training, whole-model methods, FSDP2

@@ -299,7 +299,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
         with artifacts.reading(path, artifact):
             tokenizer = AutoTokenizer.from_pretrained(artifact)
             model = auto.from_pretrained(artifact, dtype=torch.float32, attn_implementation=attention)
-    if not lora_mod.is_quantized(model):  # 4-bit weights are placed by device_map and cannot move
+    if not lora_mod.is_quantized(model):  # 4-/8-bit weights are placed by device_map and cannot move
         model.to(target)
     model.eval()
     return LoadedRun(path, cfg, model, tokenizer, labels)

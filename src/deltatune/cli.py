@@ -218,9 +218,9 @@ def merge(
     out.print(f"merged {report['method']} adapter into {out_dir}: max |merged - unmerged| = "
               f"{report['max_abs_diff']:.3g} over {report['samples']} samples (tolerance {tolerance:g})",
               soft_wrap=True)
-    if report.get("four_bit_kernel_max_abs_diff") is not None:
-        out.print(f"  merged into a 32-bit copy of the dequantized 4-bit base; the 4-bit CPU/GPU kernel itself "
-                  f"differs from that exact product by up to {report['four_bit_kernel_max_abs_diff']:.3g}",
+    if report.get("quantized_kernel_max_abs_diff") is not None:
+        out.print(f"  merged into a {report['into']}; the quantized CPU/GPU kernel itself "
+                  f"differs from that exact product by up to {report['quantized_kernel_max_abs_diff']:.3g}",
                   soft_wrap=True)
 
 

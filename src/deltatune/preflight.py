@@ -65,7 +65,7 @@ def _distributed(cfg) -> None:
                           f"train.offload=optimizer (optimizer state only).")
     if mode == "deepspeed" and cfg.method.name == "qlora":
         raise ConfigError("method.name=qlora with train.distributed=deepspeed: ZeRO flattens and partitions the "
-                          "parameters, which a 4-bit base's packed weights do not survive. Fix: use "
+                          "parameters, which a 4-/8-bit base's packed weights do not survive. Fix: use "
                           "train.distributed=ddp for QLoRA, or method.name=lora on the 16/32-bit base.")
     if mode == "deepspeed" and tc.zero_stage == 3 and not tc.deepspeed_config:
         _zero3_method(cfg)
@@ -152,11 +152,11 @@ def _qlora(cfg) -> None:
     if m.name != "qlora":
         return
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("method.name=qlora needs bitsandbytes for its 4-bit base. Fix: pip install "
+        raise ConfigError("method.name=qlora needs bitsandbytes for its 4-/8-bit base. Fix: pip install "
                           "'deltatune[qlora]' (bitsandbytes 0.50+ also runs on CPU), or use method.name=lora.")
     if m.init == "pissa":
         raise ConfigError("method.name=qlora with method.init=pissa: PiSSA initialises LoRA from the singular "
-                          "vectors of the full-precision weights, which a 4-bit base no longer has (peft refuses "
+                          "vectors of the full-precision weights, which a quantized base no longer has (peft refuses "
                           "it). Fix: method.init=default or gaussian, or method.name=lora with init=pissa.")
 
 

@@ -207,7 +207,7 @@ def refuse_model(model: torch.nn.Module) -> None:
     from deltatune.methods.lora import is_quantized
 
     if is_quantized(model):
-        raise ConfigError("train.distributed=fsdp with a 4-bit base (QLoRA): bitsandbytes' 4-bit weights keep their "
-                          "quantization state beside the tensor, which FSDP2 cannot shard. Fix: "
-                          "train.distributed=ddp (every rank holds the small 4-bit base), or method.name=lora on "
+        raise ConfigError("train.distributed=fsdp with a quantized base (QLoRA): bitsandbytes' 4-/8-bit weights keep "
+                          "their quantization state beside the tensor, which FSDP2 cannot shard. Fix: "
+                          "train.distributed=ddp (every rank holds the small quantized base), or method.name=lora on "
                           "the unquantized model.")

@@ -7,6 +7,8 @@ on the same sample inputs; if their outputs differ by more than `tolerance`, not
 
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 
@@ -39,10 +41,9 @@ def sample_batch(run: api.LoadedRun, limit: int = 32) -> dict[str, torch.Tensor]
 
 
 def dequantized_copy(run: api.LoadedRun) -> torch.nn.Module:
-    """QLoRA: never merge into 4-bit weights. Build a 32-bit base whose linear weights are exactly the
-    dequantized 4-bit ones the adapter was trained against, then attach the adapter to it, so the
-    merged model computes what the trained (unmerged) model computed."""
-    import bitsandbytes.functional as bnbf
+    """QLoRA: never merge into 4- or 8-bit weights. Build a 32-bit base whose linear weights are exactly the
+    dequantized ones the adapter was trained against, then attach the adapter to it, so the merged model
+    computes what the trained (unmerged) model computed."""
     from peft import PeftModel
 
     cfg = run.config
@@ -52,15 +53,33 @@ def dequantized_copy(run: api.LoadedRun) -> torch.nn.Module:
     base32 = models.load_model(cfg.task, cfg.model.name, run.labels, run.tokenizer, cfg.model.revision,
                                cfg.model.trust_remote_code, "sdpa")
     for name, module in run.model.get_base_model().named_modules():
-        if type(module).__name__ == "Linear4bit":
-            data, state = module.weight.data, module.weight.quant_state
-            if getattr(state, "packing_format_for_cpu", False):
-                # bitsandbytes repacks 4-bit weights for its CPU kernel at the first forward pass;
-                # dequantizing needs the original layout back (its own inverse, which copies).
-                data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
-            weight = bnbf.dequantize_4bit(data, state).float()
+        weight = dequantized_weight(module)
+        if weight is not None:
             base32.get_submodule(name.removesuffix(".base_layer")).weight.data.copy_(weight)
     return PeftModel.from_pretrained(base32, run.path / "adapter")
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The fp32 values a bitsandbytes layer computes with; None for any other module (peft's wrappers of these
+    layers carry the same class names, hence the module check)."""
+    import bitsandbytes.functional as bnbf
+
+    if not type(module).__module__.startswith("bitsandbytes"):
+        return None
+    kind = type(module).__name__
+    if kind == "Linear4bit":
+        data, state = module.weight.data, module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights for its CPU kernel at the first forward pass;
+            # dequantizing needs the original layout back: its own inverse, which copies the weight but
+            # rewrites the quantization state in place (so it gets a copy: a second call on the same
+            # state, or the live model's next forward, would read garbage).
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnbf.dequantize_4bit(data, state).float()
+    if kind == "Linear8bitLt":  # LLM.int8: int8 rows, each with its absmax (SCB): w = q * absmax / 127
+        scb = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
+        return module.weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
+    return None
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-4, overwrite: bool = False) -> dict:
@@ -88,21 +107,22 @@ def _merge_locked(run_dir: Path, out: Path, tolerance: float, overwrite: bool) -
     with torch.no_grad():
         reference, kernel_diff = run.model, None
         if quantized:
-            # The merge is checked against the adapter on the dequantized base (the exact NF4 values).
-            # bitsandbytes' CPU 4-bit kernel only approximates that product, so its own difference
-            # is measured and reported separately, not counted against the merge.
-            four_bit = run.model(**batch).logits.float()
+            # The merge is checked against the adapter on the dequantized base (the exact NF4 / int8
+            # values). bitsandbytes' kernels only approximate that product (4-bit CPU kernel; int8
+            # activations outside training), so their own difference is measured and reported
+            # separately, not counted against the merge.
+            kernel = run.model(**batch).logits.float()
             reference = dequantized_copy(run)
         before = reference(**batch).logits.float()
         if quantized:
-            kernel_diff = float((four_bit - before).abs().max())
+            kernel_diff = float((kernel - before).abs().max())
         merged = reference.merge_and_unload()
         after = merged(**batch).logits.float()
     diff = float((before - after).abs().max())
     report = {"run_dir": str(run_dir), "method": method.name, "samples": int(batch["input_ids"].shape[0]),
               "max_abs_diff": diff, "tolerance": tolerance,
-              "into": "fp32 copy of the dequantized 4-bit base" if quantized else "fp32 base",
-              "four_bit_kernel_max_abs_diff": kernel_diff, "task": run.config.task,
+              "into": f"fp32 copy of the dequantized {run.config.method.bits}-bit base" if quantized else "fp32 base",
+              "quantized_kernel_max_abs_diff": kernel_diff, "task": run.config.task,
               # How `deltatune generate` should render prompts for the merged model, as for the run.
               "prompt_template": api.prompt_template(run.config, run.tokenizer)}
     if diff > tolerance:

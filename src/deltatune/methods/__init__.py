@@ -52,7 +52,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            "weight matrix can absorb it, so it stays as extra computation",
            "bottleneck adapters after the attention and/or feed-forward sublayers (Houlsby / Pfeiffer)"),
     Method("qlora", lora.QLoRAConfig, lora.apply_qlora, "adapter", True,
-           description="LoRA over a 4-bit NF4 base (bitsandbytes); merges into a 32-bit copy of the base",
+           description="LoRA over a 4-bit NF4 or 8-bit LLM.int8 base (bitsandbytes); merges into a 32-bit copy",
            lr_scale=lora.lr_scale, load_kwargs=lora.quantized_load_kwargs),
     Method("ia3", peft_methods.IA3Config, peft_methods.apply_ia3, "adapter", True,
            description="learned rescaling of keys, values and feed-forward activations"),

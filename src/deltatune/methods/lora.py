@@ -3,7 +3,8 @@
 variant: `lora` (Hu et al. 2021), `dora` (weight-decomposed), `rslora` (alpha/sqrt(r) scaling).
 init: `default` (B = 0), `gaussian`, `pissa` (principal singular vectors of W).
 loraplus_lr_ratio: LoRA+ trains B with a learning rate this many times A's.
-qlora: the same LoRA over a base loaded in 4 bits (NF4, bitsandbytes; works on CPU too).
+qlora: the same LoRA over a base loaded in 4 bits (NF4, bitsandbytes; works on CPU too), or in 8 bits
+       (`bits: 8`, LLM.int8: int8 weights with one fp32 scale per row).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import warnings
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from deltatune.errors import ConfigError
 from deltatune.methods.common import (
@@ -103,12 +104,22 @@ def apply(model: torch.nn.Module, cfg: Config, task: str) -> torch.nn.Module:
 
 class QLoRAConfig(Config):
     name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = Field(True, description="also quantize the quantization constants (QLoRA paper)")
+    bits: Literal[4, 8] = Field(4, description="4: NF4/FP4 blocks (QLoRA); 8: LLM.int8 rows (bitsandbytes)")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bits=4 only)")
+    double_quant: bool = Field(True, description="also quantize the quantization constants (QLoRA paper; bits=4 only)")
+
+    @model_validator(mode="after")
+    def _four_bit_options_need_four_bits(self):
+        # Changed from their defaults with bits=8 they would be ignored: say so instead. (Not "set at all": a
+        # run's resolved config.yaml writes every key, and must load again.)
+        if self.bits == 8 and (self.quant_type != "nf4" or not self.double_quant):
+            raise ValueError("method.quant_type and method.double_quant describe 4-bit blocks; with method.bits=8 "
+                             "(LLM.int8) they do nothing. Fix: drop them, or set method.bits=4.")
+        return self
 
 
 def quantized_load_kwargs(cfg: QLoRAConfig, compute_dtype: torch.dtype, device: torch.device) -> dict:
-    """from_pretrained arguments that load the base in 4 bits."""
+    """from_pretrained arguments that load the base in 4 or 8 bits."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -118,21 +129,28 @@ def quantized_load_kwargs(cfg: QLoRAConfig, compute_dtype: torch.dtype, device: 
     # Task heads stay in full precision: a new classification head is initialised, not loaded, and
     # would otherwise become a 4-bit layer that was never quantized (bitsandbytes then fails).
     keep = [*HEAD_NAMES, "lm_head"]
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=keep), "device_map": {"": str(device)}}
+    if cfg.bits == 8:  # int8 weights, one fp32 scale per output row; computes in the input's dtype
+        quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    else:
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=keep)
+    return {"quantization_config": quant, "device_map": {"": str(device)}}
 
 
 def apply_qlora(model: torch.nn.Module, cfg: QLoRAConfig, task: str) -> torch.nn.Module:
     from peft import prepare_model_for_kbit_training
 
-    # Freezes the 4-bit base, keeps norms/embeddings/head in fp32, lets gradients reach the inputs.
+    # Freezes the quantized base, keeps norms/embeddings/head in fp32, lets gradients reach the inputs.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return apply(model, cfg, task)
 
 
+QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layers, by name: no import needed to ask
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
-    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    return any(type(m).__name__ in QUANTIZED_LINEARS for m in model.modules())
 
 
 def lr_scale(cfg: Config, param_name: str) -> float:

@@ -3,7 +3,8 @@
 What a training step holds at its peak (the start of the backward pass of the longest micro-batch):
 
     weights       every parameter as the run keeps it: trainable fp32; frozen Linear weights in bf16
-                  (model.frozen_dtype) or 4-bit NF4 with its quantization constants (QLoRA); the rest fp32
+                  (model.frozen_dtype), or 4-bit NF4 with its quantization constants (QLoRA), or int8 with one
+                  fp32 scale per row (QLoRA with method.bits=8, LLM.int8); the rest fp32
     gradients     4 B per trainable parameter (fp32, also under bf16 autocast)
     optimizer     adamw 8 B/param; adamw_8bit / paged_adamw_8bit 2 B/param; adafactor factored rows + columns
     activations   the tensors autograd saves for the backward pass, found by running the model's forward on
@@ -41,6 +42,7 @@ ALLOCATOR_SLACK = {"cpu": 0.10, "cuda": 0.05}  # of the batch-dependent bytes: f
 NF4_BYTES = 0.5  # two 4-bit values per byte
 NF4_BLOCK = 64  # values per quantization block (absmax)
 DQ_BLOCK = 256  # double quantization: absmaxes per second-level block
+INT8_ROW_SCALE = 4  # LLM.int8: one fp32 absmax per output row (SCB)
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}  # adafactor: by shape
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
 
@@ -118,7 +120,7 @@ def plan_precision(requested: str, device: str) -> str:
 
 def frozen_bf16(cfg: RunConfig, prec: str, mode: str = "single") -> bool:
     """model.frozen_dtype as the run resolves it (engine/frozen.py, the one home of the rule): frozen Linear
-    weights in bf16 for adapter methods training in bf16 on one process or DDP, not over a 4-bit base."""
+    weights in bf16 for adapter methods training in bf16 on one process or DDP, not over a quantized base."""
     from deltatune import methods
     from deltatune.engine import frozen
 
@@ -185,9 +187,13 @@ def _weights(cfg: RunConfig, prec: str, mode: str) -> Weights:
         module = linear_params.get(id(p))
         if module is not None and quantized and p.ndim == 2 and \
                 module.rpartition(".")[2] not in ("lm_head", *HEAD_NAMES):
-            weight_bytes += NF4_BYTES * n
-            per_block = (1 + 4 / DQ_BLOCK) if getattr(cfg.method, "double_quant", True) else 4
-            quant_constants += per_block * n / NF4_BLOCK
+            if cfg.method.bits == 8:
+                weight_bytes += n
+                quant_constants += INT8_ROW_SCALE * p.shape[0]
+            else:
+                weight_bytes += NF4_BYTES * n
+                per_block = (1 + 4 / DQ_BLOCK) if cfg.method.double_quant else 4
+                quant_constants += per_block * n / NF4_BLOCK
         elif id(p) in bf16:
             weight_bytes += 2 * n
         else:
@@ -224,6 +230,7 @@ def _saved_bytes(cfg: RunConfig, prec: str, attention: str, seq_len: int, layers
     for backward are not new memory and are left out; each storage counts once (views share it)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+    from deltatune.engine import frozen
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     saved: dict[int, int] = {}
@@ -245,6 +252,7 @@ def _saved_bytes(cfg: RunConfig, prec: str, attention: str, seq_len: int, layers
             for p in model.parameters():
                 if id(p) in cast:
                     p.data = p.data.to(torch.bfloat16)
+        frozen.skip_adapter_input_casts(model, prec)  # as the engine does (engine/frozen.py)
         model.train()
         held = {(p if isinstance(p, FakeTensor) else fake.from_tensor(p)).untyped_storage()._cdata
                 for p in [*model.parameters(), *model.buffers()]}
@@ -350,7 +358,7 @@ def _distribute(parts: dict[str, float], cfg: RunConfig, mode: str, n: int, devi
             parts["reduce bucket"] = 4 * w.hidden * w.hidden  # sized to the model: hidden^2 elements (zero.py)
         if cfg.method.name == "qlora":
             raise ConfigError("method.name=qlora with train.distributed=deepspeed is refused by preflight (ZeRO "
-                              "flattens the packed 4-bit weights). Fix: train.distributed=ddp, or method.name=lora.")
+                              "flattens the packed 4-/8-bit weights). Fix: train.distributed=ddp, or method.name=lora.")
     if device == "cpu" and cfg.train.offload != "none":
         notes.append("train.offload moves state to CPU memory, which on a CPU run is the same memory")
     return notes
@@ -370,7 +378,7 @@ def refusal(est: Estimate, memory: int) -> str:
     if est.breakdown.get("optimizer states", 0) > 0.2 * est.total:
         fixes.append("a parameter-efficient method (method.name=lora/qlora) or train.optimizer=adamw_8bit")
     if est.breakdown.get("weights", 0) > 0.5 * memory:
-        fixes.append("a 4-bit base (method.name=qlora)")
+        fixes.append("a 4-bit base (method.name=qlora), or 8-bit (method.name=qlora method.bits=8)")
     if est.breakdown.get("activations", 0) > 0.2 * est.total:
         fixes.append("train.gradient_checkpointing=true or a shorter data.max_length")
     return (f"does not fit {gib(memory)} per device even at micro-batch 1: {gib(fixed + est.per_example)} needed "
