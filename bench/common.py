@@ -16,8 +16,11 @@ SST2 = SHARED / "data" / "sst2"
 WORK = Path(__file__).resolve().parent / ".work"
 
 # One set of hyper-parameters for every recipe: only the machinery differs.
-HPARAMS = {"model": "minilm-l6", "rows": 2000, "epochs": 1, "batch_size": 16, "lr": 1e-4, "warmup": 0.06,
-           "weight_decay": 0.01, "max_grad_norm": 1.0, "max_length": 128, "seed": 42}
+# `rows` is the training sample's size; `sst2_side_by_side.py --rows all` sets DELTATUNE_BENCH_ROWS for every
+# recipe it starts, so the children read the same file the orchestrator wrote.
+ROWS = os.environ.get("DELTATUNE_BENCH_ROWS", "2000")
+HPARAMS = {"model": "minilm-l6", "rows": ROWS if ROWS == "all" else int(ROWS), "epochs": 1, "batch_size": 16,
+           "lr": 1e-4, "warmup": 0.06, "weight_decay": 0.01, "max_grad_norm": 1.0, "max_length": 128, "seed": 42}
 
 
 def read_tsv(path: Path) -> list[dict]:
@@ -28,14 +31,16 @@ def read_tsv(path: Path) -> list[dict]:
 
 # The files every recipe reads; written once by the orchestrator (`prepare`) before any recipe starts, so
 # that a recipe's whole-process time is only what a user's own script would do.
-FILES = {"train": WORK / "sst2_train_2000.tsv", "test": WORK / "sst2_test.tsv"}
+FILES = {"train": WORK / f"sst2_train_{ROWS}.tsv", "test": WORK / "sst2_test.tsv"}
 
 
 def prepare() -> dict[str, Path]:
-    """A seeded 2,000-row sample of train.tsv, and test.tsv (GLUE's SST-2 validation set), as TSV files."""
+    """A seeded sample of train.tsv (2,000 rows by default; `all`: the whole file, 60,614 rows), and test.tsv
+    (GLUE's SST-2 validation set), as TSV files."""
     WORK.mkdir(parents=True, exist_ok=True)
     rows = read_tsv(SST2 / "train.tsv")
-    pick = np.random.default_rng(HPARAMS["seed"]).choice(len(rows), HPARAMS["rows"], replace=False)
+    n = len(rows) if HPARAMS["rows"] == "all" else HPARAMS["rows"]
+    pick = np.random.default_rng(HPARAMS["seed"]).choice(len(rows), n, replace=False)
     out = FILES
     for name, subset in (("train", [rows[i] for i in sorted(pick)]), ("test", read_tsv(SST2 / "test.tsv"))):
         with open(out[name], "w", encoding="utf-8", newline="") as f:

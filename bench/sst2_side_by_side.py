@@ -14,13 +14,17 @@ Timings on a shared 2-core VM vary by 10-25% from run to run, so (b) and (c) run
 alternating, and the table shows the run with the median training time (with that run's process time);
 (a) takes minutes and runs once. Every individual run is listed under the table.
 
-    python bench/sst2_side_by_side.py [--repeats N] [--skip-plain]
+    python bench/sst2_side_by_side.py [--repeats N] [--skip-plain] [--rows N|all]
+
+`--rows all` trains on the whole train.tsv (60,614 rows; about 5-10 minutes per run here) and writes
+results/sst2-all.md instead of results/sst2.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -30,6 +34,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# `--rows` must reach common.HPARAMS (and the children) before common is imported.
+if "--rows" in sys.argv[:-1]:
+    os.environ["DELTATUNE_BENCH_ROWS"] = sys.argv[sys.argv.index("--rows") + 1]
 from common import HPARAMS, SST2, prepare, read_tsv, real_tokens  # noqa: E402
 
 RECIPES = {"a": ["trainer_recipe.py", "plain"], "b": ["trainer_recipe.py", "tuned"], "c": ["deltatune_recipe.py"]}
@@ -75,6 +82,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=REPEATS, help="alternating runs of (b) and (c)")
     parser.add_argument("--skip-plain", action="store_true", help="leave out (a), which takes minutes")
+    parser.add_argument("--rows", default="2000", help="training rows sampled from train.tsv, or 'all' (read above, "
+                        "through DELTATUNE_BENCH_ROWS, so the child recipes see it)")
     opts = parser.parse_args()
     if not (SST2 / "train.tsv").exists():
         sys.exit(f"SST-2 not found at {SST2}; set DELTATUNE_SHARED to the folder holding data/sst2")
@@ -106,7 +115,7 @@ def main() -> None:
         "All runs (train seconds in the loop / whole-process seconds):", "",
         *[f"- ({k}): " + ", ".join(f"{r['train_seconds']:.2f} / {r['process_seconds']:.2f}" for r in v)
           for k, v in runs.items()], ""])
-    out = HERE / "results" / "sst2.md"
+    out = HERE / "results" / ("sst2.md" if opts.rows == "2000" else f"sst2-{opts.rows}.md")
     out.parent.mkdir(exist_ok=True)
     out.write_text(text, encoding="utf-8")
     print(text)
