@@ -93,11 +93,14 @@ def live_tensor_mb() -> float:
     show this: it includes loading the model whole and allocator slack."""
     import gc
     import warnings
+    import weakref
 
     seen: dict[int, int] = {}
     with warnings.catch_warnings():  # isinstance on deprecated torch module attributes warns
         warnings.simplefilter("ignore")
-        objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        # isinstance asks a weak proxy for its __class__, which raises once the referent is gone (torch.compile
+        # leaves such proxies: every compiled run failed here in its summary); a proxy is never a tensor itself.
+        objects = [o for o in gc.get_objects() if type(o) not in weakref.ProxyTypes and isinstance(o, torch.Tensor)]
     for obj in objects:
         if obj.device.type != "meta":
             try:  # wrapper tensors (DTensor) and freed storages have no data of their own; shards are listed too

@@ -8,7 +8,6 @@ on the same sample inputs; if their outputs differ by more than `tolerance`, not
 from __future__ import annotations
 
 import copy
-
 import json
 from pathlib import Path
 
