@@ -1,0 +1,426 @@
+"""`deltatune serve`: a real uvicorn server on loopback, talked to over HTTP with httpx.
+
+Two servers per module, one per base: tiny BERT (classification: two LoRA runs, a full run) and the tiny
+chat LLaMA (sft: two LoRA runs, IA3, prompt tuning, a bottleneck adapter). Answers must equal
+`api.predict` / `api.generate` for the same run, batched or not; every limit and bad request gets its
+status and message, and the server keeps serving afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from deltatune import api, config
+from deltatune.serve.app import Settings
+from deltatune.serve.command import build, parse_adapters
+from deltatune.serve.errors import ServeError
+from tests.conftest import sft_rows, write_jsonl
+
+TOKEN = "s3cret"
+PROMPTS = ["classify : the film was superb", "classify : dull and boring", "classify : a warm story with actors"]
+
+
+def train(out, **kw):
+    base = {"data.max_length": 16, "train.max_steps": 8, "train.batch_size": 16, "train.lr": 1e-2,
+            "train.precision": "fp32", "train.threads": 2, "eval.every": 100, "output.dir": str(out), **kw}
+    api.train(config.load(None, [f"{k}={v}" for k, v in base.items()]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="module")
+def bert_runs(root, tiny_bert, toy_data):
+    common = {"model.name": tiny_bert, "data.train": toy_data["train"], "data.validation": toy_data["validation"]}
+    return {"a": train(root / "a", **common, **{"method.name": "lora", "method.r": 4, "train.seed": 1}),
+            "b": train(root / "b", **common, **{"method.name": "lora", "method.r": 8, "train.seed": 2,
+                                                "train.lr": 3e-2}),
+            "full": train(root / "full", **common, **{"method.name": "full"})}
+
+
+@pytest.fixture(scope="module")
+def llama_runs(root, tiny_chat_llama):
+    data = root / "sft-data"
+    data.mkdir()
+    common = {"model.name": tiny_chat_llama, "task": "sft", "data.max_length": 64, "train.batch_size": 8,
+              "data.train": write_jsonl(data / "train.jsonl", sft_rows(64, seed=1, fmt="messages")),
+              "data.validation": write_jsonl(data / "val.jsonl", sft_rows(8, seed=2, fmt="messages")),
+              "eval.max_new_tokens": 4, "eval.forgetting": "false", "train.lr": 3e-2}
+    methods = {"la": {"method.name": "lora", "method.target_modules": "all-linear", "train.seed": 1},
+               "lb": {"method.name": "lora", "method.r": 4, "train.seed": 2, "train.lr": 5e-2},
+               "ia3": {"method.name": "ia3"},
+               "prompt": {"method.name": "prompt_tuning", "method.num_virtual_tokens": 4},
+               "bottleneck": {"method.name": "adapter"}}
+    return {name: train(root / name, **{**common, **kw}) for name, kw in methods.items()}
+
+
+class Server:
+    """A real uvicorn server on 127.0.0.1 (a port the OS chose), in a background thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=20))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.http.close()
+
+    def block_model(self) -> threading.Event:
+        """Keep the model thread busy until the returned event is set (requests then queue up)."""
+        release = threading.Event()
+        self.app.state.batcher.executor.submit(release.wait, 30)
+        return release
+
+
+@pytest.fixture(scope="module")
+def bert(bert_runs, tiny_bert, root):
+    settings = Settings(max_input_tokens=64, max_batch=8, max_queue=16, max_body_bytes=64_000, admin_token=TOKEN,
+                        batch_window_ms=20)
+    adapters = {n: str(bert_runs[n]) for n in ("a", "b")}
+    app = build(str(tiny_bert), adapters, runs=[str(bert_runs["full"])], allowed_root=root, settings=settings)
+    server = Server(app)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def llama(llama_runs, tiny_chat_llama, root):
+    settings = Settings(max_new_tokens=32, batch_window_ms=20, admin_token=TOKEN)
+    adapters = {n: str(r) for n, r in llama_runs.items()}
+    server = Server(build(str(tiny_chat_llama), adapters, allowed_root=root, settings=settings))
+    yield server
+    server.stop()
+
+
+def error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    return response.json()["error"]["message"]
+
+
+def same_rows(served: list[dict], own: list[dict]) -> None:
+    assert len(served) == len(own)
+    for s, o in zip(served, own):
+        assert {k: v for k, v in s.items() if k not in ("score", "scores")} == \
+               {k: v for k, v in o.items() if k not in ("score", "scores")}
+        assert s["score"] == pytest.approx(o["score"], abs=1e-5) if o["score"] is not None else s["score"] is None
+
+
+TEXTS = ["a good film", "", "the plot was dull and the actors weak", "superb warm story " * 3]
+
+
+# -- classification ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a", "b", "full"])
+def test_classify_equals_predict(bert, bert_runs, name):
+    r = bert.http.post("/v1/classify", json={"adapter": name, "texts": TEXTS})
+    assert r.status_code == 200, r.text
+    same_rows(r.json()["results"], api.predict(bert_runs[name], TEXTS))
+
+
+def test_adapters_answer_differently_and_concurrent_requests_batch_without_changing_answers(bert, bert_runs):
+    alone = {n: bert.http.post("/v1/classify", json={"adapter": n, "texts": TEXTS}).json()["results"]
+             for n in ("a", "b")}
+    assert [x["score"] for x in alone["a"] if x["score"]] != pytest.approx(
+        [x["score"] for x in alone["b"] if x["score"]], abs=1e-3)
+    batches_before = _metric(bert, "deltatune_batch_rows_count", 'kind="classify"')
+    names = ["a", "b"] * 6
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda n: bert.http.post("/v1/classify", json={"adapter": n, "texts": TEXTS}), names))
+    for n, r in zip(names, answers):
+        assert r.status_code == 200, r.text
+        same_rows(r.json()["results"], alone[n])
+    # 12 requests in fewer batches: some batches mixed rows of both adapters (max_batch 8 rows = 2 requests)
+    assert _metric(bert, "deltatune_batch_rows_count", 'kind="classify"') - batches_before < len(names)
+
+
+def test_mixed_batch_in_one_forward_equals_each_alone(bert):
+    engine = bert.app.state.engine
+    works = [engine.prepare_classify(engine.get(n), TEXTS, 64) for n in ("a", "b", "a", "full")]
+    mixed = engine.classify_many(works)
+    for n, rows in zip(("a", "b", "a", "full"), mixed):
+        same_rows(rows, engine.classify_many([engine.prepare_classify(engine.get(n), TEXTS, 64)])[0])
+
+
+def test_models_healthz_and_metrics(bert):
+    models = {m["id"]: m for m in bert.http.get("/v1/models").json()["data"]}
+    assert {n: (m["method"], m["task"], m["shared_base"]) for n, m in models.items()} == {
+        "a": ("lora", "classification", True), "b": ("lora", "classification", True),
+        "full": ("full", "classification", False)}
+    assert models["a"]["size_bytes"] < models["full"]["size_bytes"]
+    assert models["a"]["labels"] == ["negative", "positive"]
+    assert bert.http.get("/healthz").json()["status"] == "ok"
+    bert.http.post("/v1/classify", json={"adapter": "a", "texts": ["fine"]})
+    text = bert.http.get("/metrics").text
+    assert 'deltatune_requests_total{adapter="a",endpoint="/v1/classify",status="200"}' in text
+    for name in ("deltatune_request_seconds_bucket", "deltatune_batch_rows_bucket", "deltatune_queue_depth",
+                 "deltatune_adapters_loaded 3.0"):
+        assert name in text
+
+
+def _metric(server: Server, name: str, labels: str = "") -> float:
+    for line in server.http.get("/metrics").text.splitlines():
+        if line.startswith(name) and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# -- bad requests and limits ----------------------------------------------------------------------------
+
+BAD = [  # (method, path, body, status, words the message must hold)
+    ("post", "/v1/classify", {"adapter": "nope", "texts": ["x"]}, 404, "unknown adapter `nope`; loaded: a, b, full"),
+    ("post", "/v1/completions", {"model": "a", "prompt": "hi"}, 400, "classification run"),
+    ("post", "/v1/classify", b'{"adapter": "a", "texts": [', 400, "not valid JSON"),
+    ("post", "/v1/classify", {"adapter": "a"}, 400, "`texts`: Field required"),
+    ("post", "/v1/classify", {"adapter": "a", "texts": ["x"] * 9}, 413, "9 texts in one request, over"),
+    ("post", "/v1/classify", {"adapter": "a", "texts": ["ok", "great " * 100]}, 413, "texts[1] has 102 tokens"),
+    ("post", "/v1/classify", {"adapter": "a", "texts": ["x" * 70_000]}, 413, "over this server's limit of 64000"),
+    ("get", "/v1/nothing", None, 404, "GET /v1/nothing"),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status, words", BAD, ids=[f"{b[3]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(bert, method, path, body, status, words):
+    kw = {"json": body} if body is not None else {}
+    if isinstance(body, bytes):  # as a client sends broken JSON
+        kw = {"content": body, "headers": {"content-type": "application/json"}}
+    assert words in error(bert.http.request(method.upper(), path, **kw), status)
+    assert bert.http.post("/v1/classify", json={"adapter": "a", "texts": ["fine"]}).status_code == 200
+
+
+def test_full_queue_answers_429_and_slow_requests_504(bert):
+    release = bert.block_model()
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            first = pool.submit(bert.http.post, "/v1/classify", json={"adapter": "a", "texts": ["fine"]})
+            _wait(lambda: bert.app.state.batcher.queue.qsize() == 0)
+            time.sleep(0.1)  # the worker holds the first request, waiting on the blocked model thread
+            waiting = [pool.submit(bert.http.post, "/v1/classify", json={"adapter": "b", "texts": ["fine"]})
+                       for _ in range(16)]
+            _wait(lambda: bert.app.state.batcher.queue.qsize() == 16)
+            r = bert.http.post("/v1/classify", json={"adapter": "a", "texts": ["fine"]})
+            assert "16 requests are already waiting" in error(r, 429)
+            release.set()
+            assert first.result().status_code == 200 and all(w.result().status_code == 200 for w in waiting)
+        settings = bert.app.state.settings
+        release, settings.timeout_s = bert.block_model(), 0.3
+        try:
+            assert "longer than 0.3 s" in error(bert.http.post("/v1/classify", json={"adapter": "a", "texts": ["x"]}),
+                                                504)
+        finally:
+            settings.timeout_s = 60
+            release.set()
+    finally:
+        release.set()
+    assert bert.http.post("/v1/classify", json={"adapter": "a", "texts": ["fine"]}).status_code == 200
+
+
+def _wait(condition, seconds: float = 10) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+# -- admin: load and unload at runtime; what is refused ----------------------------------------------------
+
+def admin(server: Server, method: str, name: str, run_dir: str | None = None, token: str | None = TOKEN):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = {"json": {"run_dir": run_dir}} if run_dir is not None else {}
+    return server.http.request(method, f"/v1/adapters/{name}", headers=headers, **body)
+
+
+def test_hot_load_and_unload(bert, bert_runs):
+    assert "Bearer" in error(admin(bert, "POST", "b2", "b", token=None), 401)
+    assert "Bearer" in error(admin(bert, "POST", "b2", "b", token="wrong"), 401)
+    r = admin(bert, "POST", "b2", "b")
+    assert r.status_code == 201 and r.json()["shared_base"] is True, r.text
+    rows = bert.http.post("/v1/classify", json={"adapter": "b2", "texts": TEXTS}).json()["results"]
+    same_rows(rows, api.predict(bert_runs["b"], TEXTS))
+    assert "already loaded" in error(admin(bert, "POST", "b2", "b"), 409)
+    assert admin(bert, "DELETE", "b2").json() == {"id": "b2", "deleted": True}
+    assert "unknown adapter `b2`" in error(bert.http.post("/v1/classify", json={"adapter": "b2", "texts": ["x"]}), 404)
+    # the adapters that shared the base with it answer as before
+    same_rows(bert.http.post("/v1/classify", json={"adapter": "b", "texts": TEXTS}).json()["results"],
+              api.predict(bert_runs["b"], TEXTS))
+    bert.app.state.settings.admin_token = None
+    try:
+        assert "--admin-token" in error(admin(bert, "POST", "b3", "b"), 403)
+    finally:
+        bert.app.state.settings.admin_token = TOKEN
+
+
+def _copy(run, to):
+    shutil.copytree(run, to, symlinks=True)
+    return to
+
+
+def test_refused_adapters(bert, bert_runs, llama_runs, root, tmp_path):
+    outside = _copy(bert_runs["a"], tmp_path / "outside")
+    (root / "link").symlink_to(outside)
+    linked_file = _copy(bert_runs["a"], root / "linked-file")
+    (linked_file / "adapter" / "adapter_model.safetensors").unlink()
+    weights = "adapter/adapter_model.safetensors"
+    (linked_file / weights).symlink_to(outside / weights)
+    pickled = _copy(bert_runs["a"], root / "pickled")
+    (pickled / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04")
+    no_target = _copy(bert_runs["a"], root / "no-target")
+    meta = json.loads((no_target / "adapter" / "adapter_config.json").read_text())
+    (no_target / "adapter" / "adapter_config.json").write_text(json.dumps({**meta, "target_modules": ["nothing"]}))
+    renamed = _copy(bert_runs["a"], root / "renamed")
+    _rename_keys(renamed / "adapter" / "adapter_model.safetensors", "query", "qquery")
+    cases = [("../outside", 400, "`..` is not allowed"), (str(outside), 403, "outside the allowed root"),
+             ("link", 403, "outside the allowed root"), ("linked-file", 403, "is a link to"),
+             ("pickled", 400, "pickle weights are refused"), ("sft-data", 400, "not a finished deltatune run"),
+             ("missing", 404, "no such directory"), ("la", 409, "the server's base is"),
+             ("no-target", 409, "does not fit the base"), ("renamed", 409, "have no place of that shape")]
+    for run_dir, status, words in cases:
+        assert words in error(admin(bert, "POST", "x", run_dir), status), run_dir
+    assert "use 1-64 letters" in error(admin(bert, "POST", "bad name!", "a"), 400)
+    assert "x" not in {m["id"] for m in bert.http.get("/v1/models").json()["data"]}
+    same_rows(bert.http.post("/v1/classify", json={"adapter": "a", "texts": TEXTS}).json()["results"],
+              api.predict(bert_runs["a"], TEXTS))
+
+
+def _rename_keys(path, old: str, new: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({k.replace(old, new): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def test_startup_refuses_what_it_cannot_serve(bert_runs, llama_runs, tiny_bert, root):
+    with pytest.raises(ServeError, match="the server's base is"):
+        build(str(tiny_bert), {"x": str(llama_runs["la"])}, allowed_root=root)
+    with pytest.raises(ServeError, match="start the server with --base"):
+        build(None, {"x": str(bert_runs["a"])}, allowed_root=root)
+    with pytest.raises(ServeError, match="outside the allowed root"):
+        build(str(tiny_bert), {"x": str(bert_runs["a"])}, allowed_root=root / "sft-data")
+    with pytest.raises(ServeError, match="given twice"):
+        parse_adapters(["a=x", "a=y"])
+    assert parse_adapters(["a=runs/x", "b=y"]) == {"a": "runs/x", "b": "y"}
+
+
+def test_graceful_shutdown_answers_requests_in_flight(bert_runs, root):
+    server = Server(build(None, {}, runs=[str(bert_runs["full"])], allowed_root=root))
+    release = server.block_model()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(server.http.post, "/v1/classify", json={"adapter": "full", "texts": ["fine"]})
+        _wait(lambda: server.app.state.batcher.queue.qsize() == 0)
+        time.sleep(0.1)
+        server.server.should_exit = True  # what SIGTERM does
+        time.sleep(0.3)
+        release.set()
+        assert pending.result().status_code == 200
+    server.thread.join(30)
+    assert not server.thread.is_alive()
+
+
+# -- generation --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["la", "lb", "ia3", "prompt", "bottleneck"])
+def test_completions_equal_generate(llama, llama_runs, name):
+    gen = api.load_generator(llama_runs[name])
+    for prompt in PROMPTS:
+        expected = api.generate(gen, [prompt], max_new_tokens=12)[0]  # one at a time, as the requests come
+        body = {"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+        r = llama.http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["text"] == expected["text"]
+        assert choice["finish_reason"] == ("stop" if expected["stopped_at_eos"] else "length")
+        assert r.json()["usage"]["completion_tokens"] == expected["new_tokens"]
+        chat = llama.http.post("/v1/chat/completions", json={"model": name, "max_tokens": 12, "temperature": 0,
+                                                             "messages": [{"role": "user", "content": prompt}]})
+        assert chat.json()["choices"][0]["message"]["content"] == expected["text"]
+
+
+def test_adapters_differ_and_a_mixed_generation_batch_equals_each_alone(llama):
+    engine = llama.app.state.engine
+    rows = {}
+    for name in ("la", "lb", "ia3"):
+        served = engine.get(name)
+        rows[name] = [engine.row(served, engine.prepare_prompt(served, 64, prompt=p), 10, seed=3) for p in PROMPTS]
+    alone = {n: [engine.complete_many([(engine.get(n), r)])[0].new for r in rs] for n, rs in rows.items()}
+    assert alone["la"] != alone["lb"] != alone["ia3"]
+    mixed = [(engine.get(n), engine.row(engine.get(n), r.ids, 10, seed=3)) for n in ("la", "lb", "ia3", "lb")
+             for r in rows[n][:2]]
+    answers = engine.complete_many(mixed)
+    expected_all = [x for n in ("la", "lb", "ia3", "lb") for x in alone[n][:2]]
+    for (served, _), answer, expected in zip(mixed, answers, expected_all):
+        assert answer.new == expected, served.name
+    # sampled rows: each row's own seeded generator, so batching cannot change them either
+    sampled = [(engine.get(n), engine.row(engine.get(n), rows[n][0].ids, 10, 1.0, 0.9, seed=7)) for n in ("la", "lb")]
+    together = [r.new for r in engine.complete_many(sampled)]
+    each = [engine.complete_many([(s, engine.row(s, r.ids, 10, 1.0, 0.9, seed=7))])[0].new for s, r in sampled]
+    assert together == each
+
+
+def test_streaming_equals_the_whole_answer(llama):
+    body = {"model": "ia3", "prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0}  # an answer of many words
+    whole = llama.http.post("/v1/completions", json=body).json()["choices"][0]
+    with llama.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == whole["text"] and chunks[-1]["finish_reason"] == whole["finish_reason"]
+    assert len(chunks) > 3, chunks  # streamed in pieces, not in one
+    chat = {"model": "ia3", "max_tokens": 20, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": PROMPTS[0]}]}
+    with llama.http.stream("POST", "/v1/chat/completions", json=chat) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == whole["text"]
+
+
+def test_stop_strings_seed_and_limits(llama):
+    body = {"model": "ia3", "prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0}
+    text = llama.http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    word = text.split()[1]
+    cut = llama.http.post("/v1/completions", json={**body, "stop": ["zzz", word]}).json()["choices"][0]
+    assert cut["text"] == text[:text.find(word)] and cut["finish_reason"] == "stop"
+    sampled = {**body, "temperature": 1.0, "seed": 5}
+    once, again = (llama.http.post("/v1/completions", json=sampled).json()["choices"][0]["text"] for _ in range(2))
+    assert once == again
+    too_many = llama.http.post("/v1/completions", json={**body, "max_tokens": 33})
+    assert "over this server's limit of 32" in error(too_many, 400)
+    assert "`n`" in error(llama.http.post("/v1/completions", json={**body, "n": 2}), 400)
+    assert "/v1/completions" in error(llama.http.post("/v1/classify", json={"adapter": "la", "texts": ["x"]}), 400)
+    assert llama.http.post("/v1/completions", json=body).json()["choices"][0]["text"] == text
+
+
+def test_merged_models_are_served_and_merged_classifiers_refused(llama, llama_runs, bert, bert_runs, root):
+    from deltatune.export.merge import merge
+
+    merge(llama_runs["la"], root / "merged-la")
+    r = admin(llama, "POST", "merged", "merged-la")
+    assert r.status_code == 201 and r.json()["method"] == "merged", r.text
+    own = api.generate(root / "merged-la", PROMPTS[:1], max_new_tokens=12)[0]
+    body = {"model": "merged", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
+    assert llama.http.post("/v1/completions", json=body).json()["choices"][0]["text"] == own["text"]
+    merge(bert_runs["a"], root / "merged-a")
+    assert "a merged classifier" in error(admin(bert, "POST", "merged", "merged-a"), 400)
