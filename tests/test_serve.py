@@ -424,3 +424,38 @@ def test_merged_models_are_served_and_merged_classifiers_refused(llama, llama_ru
     assert llama.http.post("/v1/completions", json=body).json()["choices"][0]["text"] == own["text"]
     merge(bert_runs["a"], root / "merged-a")
     assert "a merged classifier" in error(admin(bert, "POST", "merged", "merged-a"), 400)
+
+
+def test_serve_command_starts_uvicorn_and_stops_on_sigterm(bert_runs, root):
+    """The library call behind `deltatune serve`, in its own process, stopped as a service manager would."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (f"from deltatune.serve.command import serve; serve(None, {{}}, [{str(bert_runs['full'])!r}], "
+            f"port={port}, allowed_root={str(root)!r}, log_level='warning')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: proc.poll() is not None or _answers(url + "/healthz"), 120)
+        assert proc.poll() is None, proc.stderr.read()
+        r = httpx.post(url + "/v1/classify", json={"adapter": "full", "texts": ["a superb film"]})
+        assert r.status_code == 200 and r.json()["results"][0]["label"] in ("positive", "negative")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
