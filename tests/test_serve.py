@@ -174,7 +174,9 @@ def test_models_healthz_and_metrics(bert):
     assert models["a"]["labels"] == ["negative", "positive"]
     assert bert.http.get("/healthz").json()["status"] == "ok"
     bert.http.post("/v1/classify", json={"adapter": "a", "texts": ["fine"]})
+    bert.http.get("/v1/no-such-route-7")
     text = bert.http.get("/metrics").text
+    assert "no-such-route-7" not in text and 'endpoint="other",status="404"' in text  # labels stay bounded
     assert 'deltatune_requests_total{adapter="a",endpoint="/v1/classify",status="200"}' in text
     for name in ("deltatune_request_seconds_bucket", "deltatune_batch_rows_bucket", "deltatune_queue_depth",
                  "deltatune_adapters_loaded 3.0"):

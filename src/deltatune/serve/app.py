@@ -277,6 +277,9 @@ def _usage(row) -> dict:
             "total_tokens": len(row.ids) + len(row.new)}
 
 
+ENDPOINTS = ("/v1/classify", "/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
 class Observe:
     """Plain ASGI middleware (Starlette's BaseHTTPMiddleware would buffer streams): refuses oversize bodies
     before they are read, and records every /v1/ request's status and time to its last byte, by adapter."""
@@ -304,7 +307,10 @@ class Observe:
         try:
             await self.app(scope, receive, sending)
         finally:
-            if scope["path"].startswith("/v1/"):
+            path = scope["path"]
+            if path.startswith("/v1/"):  # labels stay bounded, whatever paths and names clients send
+                endpoint = path if path in ENDPOINTS else "other"
+                endpoint = "/v1/adapters/{name}" if path.startswith("/v1/adapters/") else endpoint
                 adapter = state.get("adapter", "-")
                 adapter = adapter if adapter in self.engine.served else "-"
-                self.metrics.request(scope["path"], adapter, status["code"], time.perf_counter() - start)
+                self.metrics.request(endpoint, adapter, status["code"], time.perf_counter() - start)
