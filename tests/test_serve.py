@@ -461,3 +461,14 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_concurrent_completions_for_mixed_adapters_batch_without_changing_answers(llama):
+    bodies = [{"model": n, "prompt": p, "max_tokens": 8, "temperature": 0}
+              for n in ("la", "lb", "ia3") for p in PROMPTS]
+    alone = [llama.http.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
+    before = _metric(llama, "deltatune_batch_rows_count", 'kind="complete"')
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: llama.http.post("/v1/completions", json=b), bodies))
+    assert [r.json()["choices"][0]["text"] for r in together] == alone
+    assert _metric(llama, "deltatune_batch_rows_count", 'kind="complete"') - before < len(bodies)  # some batched
