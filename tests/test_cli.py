@@ -107,3 +107,20 @@ def test_causal_lm_through_the_cli(tmp_path, tiny_llama, toy_data):
         from deltatune import api
 
         api.predict(out, ["a good film"])
+
+
+def test_serve_passes_its_flags_to_the_library_call(monkeypatch, tmp_path):
+    """`deltatune serve` is a thin call into deltatune.serve.command.serve (which tests/test_serve.py runs)."""
+    from deltatune.serve import command
+
+    seen = {}
+    monkeypatch.setattr(command, "serve", lambda *a: seen.setdefault("args", a))
+    r = runner.invoke(app, ["serve", "--base", "minilm-l6", "--adapter", "a=runs/a", "--adapter", "b=runs/b",
+                            "--port", "8123", "--allowed-root", str(tmp_path), "--max-batch", "4"])
+    assert r.exit_code == 0, r.output
+    base, adapters, runs, host, port, root, revision, settings = seen["args"]
+    assert (base, adapters, runs, host, port, root) == ("minilm-l6", {"a": "runs/a", "b": "runs/b"}, [],
+                                                       "127.0.0.1", 8123, tmp_path)
+    assert settings.max_batch == 4 and settings.admin_token is None
+    r = runner.invoke(app, ["serve", "--base", "minilm-l6", "--adapter", "a=x", "--adapter", "a=y"])
+    assert r.exit_code != 0 and "given twice" in str(r.exception or r.output)

@@ -255,6 +255,38 @@ def generate(
             out.print(f"[bold]>[/] {escape(r['prompt'])}\n{escape(r['text'])}{end}\n", highlight=False)
 
 
+@app.command()
+def serve(
+    base: Annotated[str | None, typer.Option("--base", help="the base model the adapters were trained on "
+                                             "(built-in name, local directory or Hugging Face id)")] = None,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="NAME=RUN_DIR; repeatable")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="a full, merged or adapter run, served under its "
+                                                  "directory's name; repeatable")] = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    allowed_root: Annotated[Path, typer.Option("--allowed-root", help="run directories load only from under "
+                                               "this directory")] = Path("."),
+    base_revision: Annotated[str | None, typer.Option("--base-revision")] = None,
+    admin_token: Annotated[str | None, typer.Option("--admin-token", envvar="DELTATUNE_ADMIN_TOKEN",
+                                                    help="enables POST/DELETE /v1/adapters/NAME")] = None,
+    max_input_tokens: Annotated[int, typer.Option("--max-input-tokens", min=1)] = 2048,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 512,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1)] = 32,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1)] = 256,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds before a request is stopped (504)")]
+    = 60.0,
+) -> None:
+    """Serve runs over HTTP: /v1/classify and OpenAI-compatible completions, many adapters over one base
+    (docs/serve.md)."""
+    from deltatune.serve.app import Settings
+    from deltatune.serve.command import parse_adapters
+    from deltatune.serve.command import serve as serve_http
+
+    settings = Settings(max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, max_batch=max_batch,
+                        max_queue=max_queue, timeout_s=timeout, admin_token=admin_token)
+    serve_http(base, parse_adapters(adapter or []), run or [], host, port, allowed_root, base_revision, settings)
+
+
 @app.command("inspect-data")
 def inspect_data(
     config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,

@@ -32,7 +32,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     out: list[tuple[list[int], bool]] = [([], False) for _ in prompts]
     order = np.argsort([-len(p) for p in prompts], kind="stable").tolist()  # similar lengths share a batch
@@ -62,7 +62,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     return out
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokenizer's EOS plus any the model's generation config names (chat models often have two)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     gen = getattr(model, "generation_config", None)

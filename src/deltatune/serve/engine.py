@@ -294,7 +294,7 @@ class Engine:
         out: list[decode.Row | Exception] = [row for _, row in works]
         for unit, members in self._by_unit([_Item(s, r) for s, r in works], out):
             tok = members[0].served.tokenizer
-            eos = generation._eos_ids(unit.model, tok)
+            eos = generation.eos_ids(unit.model, tok)
             pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
 
             def text_of(ids: list[int], tok=tok) -> str:
