@@ -96,10 +96,20 @@ def _validation_message(e: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+@dataclass
+class Parts:
+    """What the routes share: the models, the batcher in front of them, the counters, the limits."""
+    engine: Engine
+    batcher: Batcher
+    metrics: Metrics
+    settings: Settings
+
+
 def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     batcher = Batcher(engine, metrics, settings.max_batch, settings.max_queue, settings.batch_window_ms / 1000)
+    parts = Parts(engine, batcher, metrics, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,6 +121,15 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="deltatune serve", lifespan=lifespan)
     app.add_middleware(Observe, settings=settings, metrics=metrics, engine=engine)
     app.state.engine, app.state.batcher, app.state.metrics, app.state.settings = engine, batcher, metrics, settings
+    _error_handlers(app)
+    _status_routes(app, parts)
+    _task_routes(app, parts)
+    _admin_routes(app, parts)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI-style JSON with a status that says whose fault it was."""
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, e: ServeError) -> JSONResponse:
@@ -128,20 +147,26 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     async def _http(request: Request, e: HTTPException) -> JSONResponse:
         return error_body(f"{request.method} {request.url.path}: {e.detail}", e.status_code, "http")
 
+
+def _status_routes(app: FastAPI, p: Parts) -> None:
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "adapters": len(engine.served), "queue": batcher.queue.qsize()}
+        return {"status": "ok", "adapters": len(p.engine.served), "queue": p.batcher.queue.qsize()}
 
     @app.get("/metrics")
     async def metrics_text() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+        return Response(p.metrics.render(), media_type=p.metrics.content_type)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        base = engine.base
-        return {"object": "list", "data": engine.cards(),
+        base = p.engine.base
+        return {"object": "list", "data": p.engine.cards(),
                 "base": None if base is None else {"name": base.name, "revision": base.revision,
                                                    "fingerprint": base.fingerprint}}
+
+
+def _task_routes(app: FastAPI, p: Parts) -> None:
+    engine, settings = p.engine, p.settings
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request) -> dict:
@@ -152,8 +177,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
                              f"{settings.max_batch} (--max-batch); split them over several requests", 413,
                              "too_many_texts")
         work = engine.prepare_classify(served, body.texts, settings.max_input_tokens)
-        job = batcher.submit(Job("classify", len(body.texts), work))
-        rows = await batcher.result(job, settings.timeout_s)
+        job = p.batcher.submit(Job("classify", len(body.texts), work))
+        rows = await p.batcher.result(job, settings.timeout_s)
         return {"object": "classification", "adapter": served.name, "labels": served.labels, "results": rows}
 
     @app.post("/v1/completions", response_model=None)
@@ -161,7 +186,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         request.state.adapter = body.model
         served = engine.get(body.model, GENERATE)
         ids = engine.prepare_prompt(served, settings.max_input_tokens, prompt=body.prompt)
-        return await _complete(served, ids, body, body.max_tokens, "text_completion")
+        return await _complete(p, served, ids, body, body.max_tokens, "text_completion")
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> dict | StreamingResponse:
@@ -170,100 +195,105 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         messages = [m.model_dump() for m in body.messages]
         ids = engine.prepare_prompt(served, settings.max_input_tokens, messages=messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
-        return await _complete(served, ids, body, max_tokens, "chat.completion")
+        return await _complete(p, served, ids, body, max_tokens, "chat.completion")
 
-    async def _complete(served, ids: list[int], body: Sampling, max_tokens: int, kind: str):
-        if max_tokens > settings.max_new_tokens:
-            raise ServeError(f"max_tokens={max_tokens} is over this server's limit of {settings.max_new_tokens} "
-                             f"(--max-new-tokens)", 400, "max_tokens")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4 or not all(stop):
-            raise ServeError("stop: at most 4 non-empty strings", 400, "stop")
-        job = Job("complete", 1)
-        row = engine.row(served, ids, max_tokens, body.temperature, body.top_p, body.seed, stop)
-        row.cancelled = lambda: job.cancelled
-        job.work = (served, row)
-        head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
-                "created": int(time.time()), "model": served.name}
-        if body.stream:
-            job.stream = _stream(row)
-            batcher.submit(job)
-            return StreamingResponse(_events(job, row, head, kind), media_type="text/event-stream")
-        batcher.submit(job)
-        await batcher.result(job, settings.timeout_s)
-        metrics.tokens.labels(served.name).inc(len(row.new))
-        return {**head, "object": kind, "choices": [_choice(kind, row)], "usage": _usage(row)}
 
-    def _stream(row) -> asyncio.Queue:
-        stream: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        row.on_text = lambda piece: loop.call_soon_threadsafe(stream.put_nowait, piece)
-        return stream
+async def _complete(p: Parts, served, ids: list[int], body: Sampling, max_tokens: int, kind: str):
+    settings = p.settings
+    if max_tokens > settings.max_new_tokens:
+        raise ServeError(f"max_tokens={max_tokens} is over this server's limit of {settings.max_new_tokens} "
+                         f"(--max-new-tokens)", 400, "max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or not all(stop):
+        raise ServeError("stop: at most 4 non-empty strings", 400, "stop")
+    job = Job("complete", 1)
+    row = p.engine.row(served, ids, max_tokens, body.temperature, body.top_p, body.seed, stop)
+    row.cancelled = lambda: job.cancelled
+    job.work = (served, row)
+    head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
+            "created": int(time.time()), "model": served.name}
+    if body.stream:
+        job.stream = _stream(row)
+        p.batcher.submit(job)
+        return StreamingResponse(_events(p, job, row, head, kind), media_type="text/event-stream")
+    p.batcher.submit(job)
+    await p.batcher.result(job, settings.timeout_s)
+    p.metrics.tokens.labels(served.name).inc(len(row.new))
+    return {**head, "object": kind, "choices": [_choice(kind, row)], "usage": _usage(row)}
 
-    async def _events(job: Job, row, head: dict, kind: str) -> AsyncIterator[str]:
-        """Server-sent events as OpenAI sends them: a chunk per piece of text, a last chunk with the finish
-        reason, then `[DONE]`; an error after the stream began is an event with an `error` object."""
-        chat = kind == "chat.completion"
-        deadline = asyncio.get_running_loop().time() + settings.timeout_s
 
-        def event(delta: dict | str, finish: str | None = None) -> str:
-            choice = ({"index": 0, "delta": delta, "finish_reason": finish} if chat
-                      else {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish})
-            chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
-            return f"data: {json.dumps(chunk)}\n\n"
+def _stream(row) -> asyncio.Queue:
+    stream: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    row.on_text = lambda piece: loop.call_soon_threadsafe(stream.put_nowait, piece)
+    return stream
 
-        def failure(message: str, code: str) -> str:
-            return f"data: {json.dumps({'error': {'message': message, 'code': code}})}\n\n"
 
-        try:
-            if chat:
-                yield event({"role": "assistant"})
-            while True:
-                try:
-                    piece = await asyncio.wait_for(job.stream.get(), deadline - asyncio.get_running_loop().time())
-                except asyncio.TimeoutError:
-                    job.cancelled = True
-                    yield failure(f"the request took longer than {settings.timeout_s:g} s (--timeout) and was "
-                                  f"stopped", "timeout")
-                    return
-                if piece is DONE:
-                    break
-                yield event({"content": piece} if chat else piece)
-            if (e := job.future.exception()) is not None:
-                yield failure(str(e), getattr(e, "code", "error"))
+async def _events(p: Parts, job: Job, row, head: dict, kind: str) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them: a chunk per piece of text, a last chunk with the finish
+    reason, then `[DONE]`; an error after the stream began is an event with an `error` object."""
+    chat = kind == "chat.completion"
+    timeout_s = p.settings.timeout_s
+    deadline = asyncio.get_running_loop().time() + timeout_s
+
+    def event(delta: dict | str, finish: str | None = None) -> str:
+        choice = ({"index": 0, "delta": delta, "finish_reason": finish} if chat
+                  else {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish})
+        chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    def failure(message: str, code: str) -> str:
+        return f"data: {json.dumps({'error': {'message': message, 'code': code}})}\n\n"
+
+    try:
+        if chat:
+            yield event({"role": "assistant"})
+        while True:
+            try:
+                piece = await asyncio.wait_for(job.stream.get(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                job.cancelled = True
+                yield failure(f"the request took longer than {timeout_s:g} s (--timeout) and was stopped", "timeout")
                 return
-            metrics.tokens.labels(head["model"]).inc(len(row.new))
-            yield event({} if chat else "", row.finish_reason)
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancelled = job.cancelled or not job.future.done()  # the client went away mid-stream
+            if piece is DONE:
+                break
+            yield event({"content": piece} if chat else piece)
+        if (e := job.future.exception()) is not None:
+            yield failure(str(e), getattr(e, "code", "error"))
+            return
+        p.metrics.tokens.labels(head["model"]).inc(len(row.new))
+        yield event({} if chat else "", row.finish_reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = job.cancelled or not job.future.done()  # the client went away mid-stream
 
-    def _admin(request: Request) -> None:
-        if not settings.admin_token:
-            raise ServeError("adapter management is off: start the server with --admin-token TOKEN to load and "
-                             "unload adapters at runtime", 403, "admin_disabled")
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
-            raise ServeError("missing or wrong admin token: send the header `Authorization: Bearer TOKEN`", 401,
-                             "unauthorized")
 
+def _check_admin(settings: Settings, request: Request) -> None:
+    if not settings.admin_token:
+        raise ServeError("adapter management is off: start the server with --admin-token TOKEN to load and "
+                         "unload adapters at runtime", 403, "admin_disabled")
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
+        raise ServeError("missing or wrong admin token: send the header `Authorization: Bearer TOKEN`", 401,
+                         "unauthorized")
+
+
+def _admin_routes(app: FastAPI, p: Parts) -> None:
     @app.post("/v1/adapters/{name}", status_code=201)
     async def load_adapter(name: str, body: LoadRequest, request: Request) -> dict:
-        _admin(request)
+        _check_admin(p.settings, request)
         registry.check_name(name)
-        path = registry.resolve_run(settings.allowed_root, body.run_dir)
-        card = await batcher.exclusive(engine.add, name, path)
-        metrics.adapters.set(len(engine.served))
+        path = registry.resolve_run(p.settings.allowed_root, body.run_dir)
+        card = await p.batcher.exclusive(p.engine.add, name, path)
+        p.metrics.adapters.set(len(p.engine.served))
         return card
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request) -> dict:
-        _admin(request)
-        await batcher.exclusive(engine.remove, name)
-        metrics.adapters.set(len(engine.served))
+        _check_admin(p.settings, request)
+        await p.batcher.exclusive(p.engine.remove, name)
+        p.metrics.adapters.set(len(p.engine.served))
         return {"id": name, "deleted": True}
-
-    return app
 
 
 def _choice(kind: str, row) -> dict:
