@@ -255,6 +255,9 @@ def generate(
             out.print(f"[bold]>[/] {escape(r['prompt'])}\n{escape(r['text'])}{end}\n", highlight=False)
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
 @app.command()
 def serve(
     base: Annotated[str | None, typer.Option("--base", help="the base model the adapters were trained on "
@@ -275,6 +278,11 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=1)] = 256,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds before a request is stopped (504)")]
     = 60.0,
+    merge: Annotated[list[str] | None, typer.Option("--merge", help="NAME of a LoRA/IA3 adapter to serve merged "
+                                                    "into its own copy of the weights it changes (a hot adapter: "
+                                                    "no adapter work per token); repeatable")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's: critical, error, warning, info, "
+                                           "debug, trace")] = "info",
 ) -> None:
     """Serve runs over HTTP: /v1/classify and OpenAI-compatible completions, many adapters over one base
     (docs/serve.md)."""
@@ -284,7 +292,10 @@ def serve(
 
     settings = Settings(max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, max_batch=max_batch,
                         max_queue=max_queue, timeout_s=timeout, admin_token=admin_token)
-    serve_http(base, parse_adapters(adapter or []), run or [], host, port, allowed_root, base_revision, settings)
+    if log_level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{log_level}; use one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    serve_http(base, parse_adapters(adapter or []), run or [], host, port, allowed_root, base_revision, settings,
+               log_level=log_level, merge=merge or [])
 
 
 @app.command("inspect-data")
