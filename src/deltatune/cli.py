@@ -121,6 +121,22 @@ def eval_(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or not)")],
+    out_path: Annotated[Path | None, typer.Option("--out", help="the HTML file (default RUN_DIR/report.html); "
+                                                   "report.md and its PNGs are written beside it")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="only what the run recorded: no model or data loading "
+                                        "(no confusion matrix, generations, parameter breakdown, lengths)")] = False,
+) -> None:
+    """One self-contained HTML page (and a markdown copy) explaining a run: curves, metrics, predictions,
+    parameters, data, forgetting, setup and config. See docs/reports.md."""
+    from deltatune.reports import write_report
+
+    written = write_report(run_dir, out_path, compute=not quick)
+    out.print(f"report: {written['html']}  (markdown: {written['md']})", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def predict(
     args: Annotated[list[str] | None, typer.Argument(help="RUN_DIR then texts (or only texts with --run)")] = None,
     runs: Annotated[list[Path] | None, typer.Option("--run", help="adapter runs sharing one base; repeatable")]
