@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from deltatune import api, config
+from deltatune.serve import weights
 from deltatune.serve.app import Settings
 from deltatune.serve.command import build, parse_adapters
 from deltatune.serve.errors import ServeError
@@ -167,9 +168,9 @@ def test_mixed_batch_in_one_forward_equals_each_alone(bert):
 
 def test_models_healthz_and_metrics(bert):
     models = {m["id"]: m for m in bert.http.get("/v1/models").json()["data"]}
-    assert {n: (m["method"], m["task"], m["shared_base"]) for n, m in models.items()} == {
-        "a": ("lora", "classification", True), "b": ("lora", "classification", True),
-        "full": ("full", "classification", False)}
+    assert {n: (m["method"], m["task"], m["mixed_batches"], m["shared_base"]) for n, m in models.items()} == {
+        "a": ("lora", "classification", True, True), "b": ("lora", "classification", True, True),
+        "full": ("full", "classification", False, False)}  # full fine-tuning changed every weight
     assert models["a"]["size_bytes"] < models["full"]["size_bytes"]
     assert models["a"]["labels"] == ["negative", "positive"]
     assert bert.http.get("/healthz").json()["status"] == "ok"
@@ -249,9 +250,10 @@ def _wait(condition, seconds: float = 10) -> None:
 
 # -- admin: load and unload at runtime; what is refused ----------------------------------------------------
 
-def admin(server: Server, method: str, name: str, run_dir: str | None = None, token: str | None = TOKEN):
+def admin(server: Server, method: str, name: str, run_dir: str | None = None, token: str | None = TOKEN,
+          merge: bool = False):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    body = {"json": {"run_dir": run_dir}} if run_dir is not None else {}
+    body = {"json": {"run_dir": run_dir, **({"merge": True} if merge else {})}} if run_dir is not None else {}
     return server.http.request(method, f"/v1/adapters/{name}", headers=headers, **body)
 
 
@@ -323,6 +325,10 @@ def test_startup_refuses_what_it_cannot_serve(bert_runs, llama_runs, tiny_bert, 
         build(str(tiny_bert), {"x": str(bert_runs["a"])}, allowed_root=root / "sft-data")
     with pytest.raises(ServeError, match="given twice"):
         parse_adapters(["a=x", "a=y"])
+    settings = Settings()
+    with pytest.raises(ServeError, match="--merge nope: no adapter or run of that name"):
+        build(str(tiny_bert), {"x": str(bert_runs["a"])}, allowed_root=root, settings=settings, merge=["nope"])
+    assert settings.allowed_root == Settings().allowed_root  # the caller's settings are not changed
     assert parse_adapters(["a=runs/x", "b=y"]) == {"a": "runs/x", "b": "y"}
 
 
@@ -415,7 +421,25 @@ def test_stop_strings_seed_and_limits(llama):
     assert llama.http.post("/v1/completions", json=body).json()["choices"][0]["text"] == text
 
 
-def test_merged_models_are_served_and_merged_classifiers_refused(llama, llama_runs, bert, bert_runs, root):
+def test_every_family_shares_one_copy_of_the_base_weights(llama):
+    """IA3, prompt tuning and the bottleneck adapter each have their own model, yet every base weight they hold is
+    the pooled LoRA model's tensor: one base in memory. (Fails if loading skips the weight store.)"""
+    engine = llama.app.state.engine
+    inner = {n: weights.inner_model(engine.get(n).unit.model) for n in ("la", "ia3", "prompt", "bottleneck")}
+    assert len({id(m) for m in inner.values()}) == 4  # la's model, and one per other family
+    for name in ("ia3", "prompt", "bottleneck"):
+        assert inner[name].get_input_embeddings().weight is inner["la"].get_input_embeddings().weight
+        layer = inner[name].model.layers[0].mlp.down_proj
+        assert getattr(layer, "base_layer", layer).weight is inner["la"].model.layers[0].mlp.down_proj.base_layer.weight
+    cards = {m["id"]: m for m in llama.http.get("/v1/models").json()["data"]}
+    base_mb = sum(p.numel() * p.element_size() for n, p in inner["ia3"].named_parameters() if "ia3_" not in n) / 2**20
+    for name in ("la", "lb", "ia3", "prompt", "bottleneck"):  # each holds the whole base in common with the others
+        memory = cards[name]["memory_mb"]
+        assert cards[name]["shared_base"] and memory["shared"] >= base_mb - 0.002, (name, memory, base_mb)
+    assert cards["ia3"]["memory_mb"]["own"] < 0.05 * base_mb  # its scaling vectors only
+
+
+def test_merged_models_and_hot_merged_adapters_are_served(llama, llama_runs, bert, bert_runs, root):
     from deltatune.export.merge import merge
 
     merge(llama_runs["la"], root / "merged-la")
@@ -424,8 +448,21 @@ def test_merged_models_are_served_and_merged_classifiers_refused(llama, llama_ru
     own = api.generate(root / "merged-la", PROMPTS[:1], max_new_tokens=12)[0]
     body = {"model": "merged", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
     assert llama.http.post("/v1/completions", json=body).json()["choices"][0]["text"] == own["text"]
+    # The hot-adapter fast path: the same run merged in memory answers as its `deltatune merge` output, and
+    # holds only the weights the merge changed (all-linear LoRA: the linear layers; embeddings stay shared).
+    r = admin(llama, "POST", "hot", str(llama_runs["la"]), merge=True)
+    assert r.status_code == 201 and r.json()["merged"] and not r.json()["mixed_batches"], r.text
+    assert 0 < r.json()["memory_mb"]["own"] and r.json()["memory_mb"]["shared"] > 0
+    assert llama.http.post("/v1/completions", json={**body, "model": "hot"}).json()["choices"][0]["text"] == own["text"]
+    assert "cannot be served merged" in error(admin(llama, "POST", "hot2", str(llama_runs["prompt"]), merge=True), 400)
+    assert admin(llama, "DELETE", "hot").status_code == 200 and admin(llama, "DELETE", "merged").status_code == 200
     merge(bert_runs["a"], root / "merged-a")
     assert "a merged classifier" in error(admin(bert, "POST", "merged", "merged-a"), 400)
+    r = admin(bert, "POST", "a-hot", str(bert_runs["a"]), merge=True)
+    assert r.status_code == 201, r.text
+    hot = bert.http.post("/v1/classify", json={"adapter": "a-hot", "texts": TEXTS}).json()["results"]
+    same_rows(hot, api.predict(bert_runs["a"], TEXTS))
+    assert admin(bert, "DELETE", "a-hot").status_code == 200
 
 
 def test_serve_command_starts_uvicorn_and_stops_on_sigterm(bert_runs, root):

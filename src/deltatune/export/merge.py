@@ -39,6 +39,16 @@ def sample_batch(run: api.LoadedRun, limit: int = 32) -> dict[str, torch.Tensor]
     return collate({"input_ids": ids}, run.tokenizer.pad_token_id)
 
 
+@torch.no_grad()
+def merge_checked(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                  ) -> tuple[torch.nn.Module, torch.Tensor, float]:
+    """Merge `model`'s adapter into its base weights (in place; `model` is spent) and measure what that changed:
+    (the merged plain model, the unmerged logits on `batch`, the largest absolute difference from them)."""
+    before = model(**batch).logits.float()
+    merged = model.merge_and_unload()
+    return merged, before, float((before - merged(**batch).logits.float()).abs().max())
+
+
 def dequantized_copy(run: api.LoadedRun) -> torch.nn.Module:
     """QLoRA: never merge into 4- or 8-bit weights. Build a 32-bit base whose linear weights are exactly the
     dequantized ones the adapter was trained against, then attach the adapter to it, so the merged model
@@ -112,12 +122,9 @@ def _merge_locked(run_dir: Path, out: Path, tolerance: float, overwrite: bool) -
             # separately, not counted against the merge.
             kernel = run.model(**batch).logits.float()
             reference = dequantized_copy(run)
-        before = reference(**batch).logits.float()
+        merged, before, diff = merge_checked(reference, batch)
         if quantized:
             kernel_diff = float((kernel - before).abs().max())
-        merged = reference.merge_and_unload()
-        after = merged(**batch).logits.float()
-    diff = float((before - after).abs().max())
     report = {"run_dir": str(run_dir), "method": method.name, "samples": int(batch["input_ids"].shape[0]),
               "max_abs_diff": diff, "tolerance": tolerance,
               "into": f"fp32 copy of the dequantized {run.config.method.bits}-bit base" if quantized else "fp32 base",

@@ -79,6 +79,7 @@ class ChatRequest(Sampling):
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     run_dir: str
+    merge: bool = False  # serve a LoRA/IA3 run merged (the hot-adapter fast path)
 
 
 def error_body(message: str, status: int, code: str) -> JSONResponse:
@@ -284,7 +285,7 @@ def _admin_routes(app: FastAPI, p: Parts) -> None:
         _check_admin(p.settings, request)
         registry.check_name(name)
         path = registry.resolve_run(p.settings.allowed_root, body.run_dir)
-        card = await p.batcher.exclusive(p.engine.add, name, path)
+        card = await p.batcher.exclusive(p.engine.add, name, path, body.merge)
         p.metrics.adapters.set(len(p.engine.served))
         return card
 

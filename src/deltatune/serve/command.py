@@ -6,6 +6,7 @@ timeout); the app's shutdown then answers anything still queued before the proce
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -30,11 +31,11 @@ def parse_adapters(pairs: list[str]) -> dict[str, str]:
 
 def build(base: str | None, adapters: dict[str, str], runs: list[str] | None = None,
           allowed_root: str | Path = ".", base_revision: str | None = None, settings: Settings | None = None,
-          device: str | None = None):
+          device: str | None = None, merge: list[str] | None = None):
     """The FastAPI app serving `adapters` (name -> run directory) over `base`, plus each of `runs` (full,
-    merged or adapter runs) under its directory's name. Every path must lie under `allowed_root`."""
-    settings = settings or Settings()
-    settings.allowed_root = Path(allowed_root)
+    merged or adapter runs) under its directory's name; the names in `merge` are served merged (LoRA/IA3: no
+    adapter work per token). Every path must lie under `allowed_root`."""
+    settings = dataclasses.replace(settings or Settings(), allowed_root=Path(allowed_root))
     if not adapters and not runs:
         raise ServeError("nothing to serve: give --adapter NAME=RUN_DIR (repeatable) and/or --run RUN_DIR")
     engine = Engine(base, base_revision, device)
@@ -44,17 +45,22 @@ def build(base: str | None, adapters: dict[str, str], runs: list[str] | None = N
         if name in named:
             raise ServeError(f"--run {run}: the name `{name}` is taken; serve it with --adapter OTHER_NAME={run}")
         named[name] = run
+    unknown = sorted(set(merge or []) - set(named))
+    if unknown:
+        raise ServeError(f"--merge {', '.join(unknown)}: no adapter or run of that name is served (names: "
+                         f"{', '.join(named)})")
     for name, run in named.items():  # paths on the command line are relative to the working directory
-        engine.add(name, registry.resolve_run(settings.allowed_root, os.path.abspath(run)))
+        engine.add(name, registry.resolve_run(settings.allowed_root, os.path.abspath(run)), name in (merge or []))
     return create_app(engine, settings)
 
 
 def serve(base: str | None, adapters: dict[str, str], runs: list[str] | None = None, host: str = "127.0.0.1",
           port: int = 8000, allowed_root: str | Path = ".", base_revision: str | None = None,
-          settings: Settings | None = None, device: str | None = None, log_level: str = "info") -> None:
+          settings: Settings | None = None, device: str | None = None, log_level: str = "info",
+          merge: list[str] | None = None) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests are answered before the process exits."""
     import uvicorn
 
-    app = build(base, adapters, runs, allowed_root, base_revision, settings, device)
+    app = build(base, adapters, runs, allowed_root, base_revision, settings, device, merge)
     timeout = app.state.settings.timeout_s
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(timeout) + 5)

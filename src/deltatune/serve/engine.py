@@ -2,18 +2,25 @@
 
 One base model in memory carries every plain LoRA adapter trained on it (one peft model, each request's
 rows routed to their adapter with peft's `adapter_names`, so one forward pass serves a batch mixing
-adapters). Runs of other families (IA3, prompt tuning, DoRA, bottleneck adapters, QLoRA) and full or merged
-models are each loaded as `deltatune predict`/`generate` load them (`api.load_run`), one model apiece.
+adapters). Runs of other families (IA3, prompt tuning, DoRA, bottleneck adapters, QLoRA), full or merged
+models, and LoRA runs served merged (`merge=True`, the hot-adapter fast path: no adapter work per token) are
+each loaded as `deltatune predict`/`generate` load them (`api.load_run`), one model apiece, and then share
+every base weight they hold unchanged with the models already loaded (weights.py): N task adapters of any
+family cost one base in memory plus their own deltas. Identical tokenizers are shared too.
 Answers are those of the library: `classify` rows equal `api.predict`'s, greedy `complete` equals
-`api.generate` (same prompt rendering, same decoding steps; decode.py).
+`api.generate` (same prompt rendering, same decoding steps; decode.py); a merged LoRA answers as its
+`deltatune merge` output does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import re
 import secrets
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +32,12 @@ from deltatune.data.batching import collate
 from deltatune.engine import loop, precision
 from deltatune.errors import DeltatuneError
 from deltatune.evaluation import generation
-from deltatune.serve import decode, registry
+from deltatune.serve import decode, registry, weights
 from deltatune.serve.errors import ServeError
 
 CLASSIFY, GENERATE = "classify", "generate"
+MERGE_TOLERANCE = 1e-4  # as `deltatune merge`'s default check
+TOKENIZER_FILE = re.compile(r"^(tokenizer.*|special_tokens_map\.json|chat_template.*|vocab\..*|merges\.txt|.*\.model)$")
 
 
 @dataclass
@@ -54,15 +63,23 @@ class Served:
     unit: Unit
     peft_name: str | None  # its adapter's name inside a shared peft model
     size_bytes: int
+    merged: bool = False  # a LoRA served merged into its own copy of the weights it changes
 
     @property
     def does(self) -> str:
         return CLASSIFY if self.task == "classification" else GENERATE
 
-    def card(self) -> dict:
+    def card(self, memory: dict[str, int]) -> dict:
+        """What GET /v1/models says about it. `memory`: the bytes its model holds alone and in common with other
+        served models (weights.memory); `mixed_batches`: whether its rows share forward passes with other
+        adapters' rows (pooled LoRA)."""
         return {"id": self.name, "object": "model", "owned_by": "deltatune", "task": self.task,
-                "method": self.method, "shared_base": self.unit.pooled, "size_bytes": self.size_bytes,
-                "run_dir": str(self.path), **({"labels": self.labels} if self.does == CLASSIFY else {}),
+                "method": self.method, "mixed_batches": self.unit.pooled, "merged": self.merged,
+                "shared_base": memory["shared_bytes"] > 0,
+                "memory_mb": {"own": round(memory["own_bytes"] / 2**20, 3),
+                              "shared": round(memory["shared_bytes"] / 2**20, 3)},
+                "size_bytes": self.size_bytes, "run_dir": str(self.path),
+                **({"labels": self.labels} if self.does == CLASSIFY else {}),
                 **({"template": self.template} if self.template else {})}
 
 
@@ -81,6 +98,21 @@ def shareable(cfg, artifact: Path) -> bool:
     method = cfg.method
     return (method.name == "lora" and method.variant != "dora" and method.init != "pissa"
             and meta.get("peft_type") == "LORA")
+
+
+def check_mergeable(path: Path, cfg, artifact: Path) -> None:
+    """Serving merged is for adapters `deltatune merge` merges into a plain fp32 base (LoRA, DoRA, IA3...)."""
+    from deltatune import methods
+
+    method = methods.REGISTRY[cfg.method.name]
+    if artifact.name != "adapter" or not method.mergeable:
+        why = "it holds a full model" if artifact.name != "adapter" else method.why_not_mergeable
+        raise ServeError(f"{path}: method `{cfg.method.name}` cannot be served merged: {why}. Serve it without "
+                         f"merge", 400, "cannot_merge")
+    if cfg.method.name == "qlora":
+        raise ServeError(f"{path}: a QLoRA adapter merges into a dequantized fp32 copy of its base, which would "
+                         f"undo what 4-bit saves; run `deltatune merge` and serve the result with --run if that "
+                         f"is what you want", 400, "cannot_merge")
 
 
 def check_keys(model: torch.nn.Module, artifact: Path, adapter: str) -> None:
@@ -108,6 +140,8 @@ class Engine:
         self.device = torch.device(device or precision.default_device())
         self.served: dict[str, Served] = {}
         self.pools: dict[tuple, Unit] = {}
+        self.weights = weights.WeightStore()  # base weights shared by every model that holds them unchanged
+        self._tokenizers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # by tokenizer files' hash
         self._ids = itertools.count()
         # Fast tokenizers refuse to be used from two threads at once ("Already borrowed"): requests are
         # tokenized on the event loop, answers decoded on the worker.
@@ -115,23 +149,27 @@ class Engine:
 
     # -- loading -------------------------------------------------------------------------------------
 
-    def add(self, name: str, path: str | Path) -> dict:
-        """Load a run (or a merged model directory) under `name`; returns its card."""
+    def add(self, name: str, path: str | Path, merge: bool = False) -> dict:
+        """Load a run (or a merged model directory) under `name`; returns its card. `merge`: serve a LoRA/IA3 run
+        merged into its own copy of the weights the adapter changes (a hot adapter's fast path: no adapter work
+        per token, memory for those weights; every other weight stays shared)."""
         registry.check_name(name)
         if name in self.served:
             raise ServeError(f"adapter `{name}` is already loaded; DELETE it first to replace it", 409, "exists")
         path = Path(path)
         try:
-            served = self._load(name, path)
+            served = self._load(name, path, merge)
         except (DeltatuneError, OSError) as e:
             if isinstance(e, ServeError):
                 raise
             raise ServeError(f"cannot load {path}: {e}", 400, "cannot_load") from None
         self.served[name] = served
-        return served.card()
+        return self.card(name)
 
-    def _load(self, name: str, path: Path) -> Served:
+    def _load(self, name: str, path: Path, merge: bool) -> Served:
         if not (path / "config.yaml").exists():
+            if merge:
+                raise ServeError(f"{path}: a merged model already; serve it without merge", 400, "cannot_merge")
             return self._load_merged(name, path)
         cfg = config_mod.load(path / "config.yaml")
         labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
@@ -143,20 +181,48 @@ class Engine:
                                  f"`{cfg.model.name}`)", 400, "no_base")
             self.base.check_run(path, cfg.model.name, cfg.model.revision)
         size = sum(f.stat().st_size for f in artifact.glob("*.safetensors"))
-        if artifact.name == "adapter" and shareable(cfg, artifact):
+        if merge:
+            check_mergeable(path, cfg, artifact)
+        elif artifact.name == "adapter" and shareable(cfg, artifact):
             return self._load_pooled(name, path, cfg, labels, artifact, size)
         run = api.load_run(path, str(self.device))
         check_keys(run.model, artifact, "default")
-        template = api.prompt_template(cfg, run.tokenizer) if cfg.task != "classification" else None
-        return Served(name, path, cfg.task, cfg.method.name, run.tokenizer, labels, template, cfg.data.max_length,
-                      Unit(run.model, pooled=False, members={name}), None, size)
+        model = run.model
+        if merge:  # before the model joins the weight store: merging writes into the weights it changes
+            from deltatune.export.merge import merge_checked, sample_batch
+
+            model, _, diff = merge_checked(model, sample_batch(run))
+            if diff > MERGE_TOLERANCE:
+                raise ServeError(f"{path}: merged and unmerged outputs differ by {diff:.3g} (> {MERGE_TOLERANCE:g}); "
+                                 f"serve it unmerged", 409, "merge_failed")
+            model.eval()
+        self.weights.adopt(model)
+        tokenizer = self._shared_tokenizer(artifact, run.tokenizer)
+        template = api.prompt_template(cfg, tokenizer) if cfg.task != "classification" else None
+        return Served(name, path, cfg.task, cfg.method.name, tokenizer, labels, template, cfg.data.max_length,
+                      Unit(model, pooled=False, members={name}), None, size, merged=merge)
+
+    def _shared_tokenizer(self, directory: Path, loaded=None):
+        """One tokenizer object per distinct set of tokenizer files (a fast tokenizer takes ~10 MiB): runs of
+        one base usually save identical ones. Loaded from `directory` unless `loaded` is given."""
+        from transformers import AutoTokenizer
+
+        files = sorted(f for f in directory.iterdir() if f.is_file() and TOKENIZER_FILE.match(f.name))
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        key = digest.hexdigest()
+        tokenizer = self._tokenizers.get(key)
+        if tokenizer is None:
+            tokenizer = loaded if loaded is not None else AutoTokenizer.from_pretrained(directory)
+            self._tokenizers[key] = tokenizer
+        return tokenizer
 
     def _load_pooled(self, name: str, path: Path, cfg, labels: list[str], artifact: Path, size: int) -> Served:
         from peft import PeftModel
-        from transformers import AutoTokenizer
 
         with artifacts.reading(path, artifact):
-            tokenizer = AutoTokenizer.from_pretrained(artifact)
+            tokenizer = self._shared_tokenizer(artifact)
         attention = models.attention_for(cfg.model.attention, self.device)
         classifier = cfg.task == "classification"
         # Adapters share a base only when everything around the adapter agrees: head shape, attention
@@ -172,6 +238,7 @@ class Engine:
                                              cfg.model.trust_remote_code, attention)
                     model = PeftModel.from_pretrained(base, artifact, adapter_name=peft_name)
                     unit = Unit(model.to(self.device), pooled=True, key=key)
+                    self.weights.adopt(unit.model)
                 else:
                     unit.model.load_adapter(artifact, adapter_name=peft_name)
             unit.model.eval()
@@ -199,9 +266,10 @@ class Engine:
             raise ServeError(f"{path}: a merged classifier; serve its run directory instead (it holds the labels)",
                              400, "not_a_run")
         gen = api.load_generator(path, device=str(self.device))
+        self.weights.adopt(gen.model)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        return Served(name, path, "causal_lm", "merged", gen.tokenizer, [], gen.template, 0,
-                      Unit(gen.model, pooled=False, members={name}), None, size)
+        return Served(name, path, "causal_lm", "merged", self._shared_tokenizer(path, gen.tokenizer), [],
+                      gen.template, 0, Unit(gen.model, pooled=False, members={name}), None, size, merged=True)
 
     def remove(self, name: str) -> None:
         served = self.get(name)
@@ -229,7 +297,19 @@ class Engine:
         return served
 
     def cards(self) -> list[dict]:
-        return [s.card() for s in self.served.values()]
+        return [self.card(name) for name in self.served]
+
+    def card(self, name: str) -> dict:
+        return self.served[name].card(weights.memory({n: self._parameters(s) for n, s in self.served.items()})[name])
+
+    @staticmethod
+    def _parameters(served: Served) -> list[torch.nn.Parameter]:
+        """The parameters answering for `served`: its model's, less other adapters' in a pooled model."""
+        unit = served.unit
+        if not unit.pooled:
+            return list(unit.model.parameters())
+        others = [f".{peft_name}." for peft_name in unit.model.peft_config if peft_name != served.peft_name]
+        return [p for n, p in unit.model.named_parameters() if not any(o in n for o in others)]
 
     def prepare_classify(self, served: Served, texts: list[str], max_input_tokens: int) -> ClassifyWork:
         with self.tokenizing:
