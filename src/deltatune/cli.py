@@ -137,6 +137,39 @@ def report(
 
 
 @app.command()
+def compare(
+    sources: Annotated[list[str], typer.Argument(help="CONFIG (then section.key=value overrides) to train "
+                                                 "each method, or RUN_DIR RUN_DIR ... to compare finished runs")],
+    methods: Annotated[str | None, typer.Option("--methods", help="with CONFIG: methods separated by commas, e.g. "
+                                                "full,lora,dora,ia3,prompt_tuning,adapter,bitfit")] = None,
+    lr_sweep: Annotated[bool, typer.Option("--lr-sweep", help="try a small learning-rate grid per method and keep "
+                                           "the best")] = False,
+    lrs: Annotated[str | None, typer.Option("--lrs", help="the grid for every method instead, e.g. 1e-4,1e-3")]
+    = None,
+    budget_steps: Annotated[int | None, typer.Option("--budget-steps", min=1, help="train.max_steps of every "
+                                                     "run")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output directory (default: <output.dir>-compare "
+                                                 "with CONFIG, ./compare with run directories)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="only one line per run, not the training output")] = False,
+) -> None:
+    """Train each method on CONFIG's data and budget, one at a time, and compare them (compare.json, .html,
+    .md); finished runs are kept, not trained again. Or compare finished runs. See docs/compare.md."""
+    from deltatune.compare import compare as compare_
+
+    grid = None
+    if lrs is not None:
+        try:
+            grid = [float(x) for x in lrs.split(",") if x.strip()]
+        except ValueError:
+            raise DeltatuneError(f"--lrs {lrs}: not numbers separated by commas. Fix: e.g. --lrs 1e-4,3e-4,1e-3") \
+                from None
+    try:
+        compare_(sources, methods, lr_sweep, grid, budget_steps, out_dir, show_training=not quiet)
+    except KeyboardInterrupt:  # compare said how to go on
+        raise typer.Exit(130) from None
+
+
+@app.command()
 def predict(
     args: Annotated[list[str] | None, typer.Argument(help="RUN_DIR then texts (or only texts with --run)")] = None,
     runs: Annotated[list[Path] | None, typer.Option("--run", help="adapter runs sharing one base; repeatable")]
