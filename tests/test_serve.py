@@ -509,3 +509,24 @@ def test_concurrent_completions_for_mixed_adapters_batch_without_changing_answer
         together = list(pool.map(lambda b: llama.http.post("/v1/completions", json=b), bodies))
     assert [r.json()["choices"][0]["text"] for r in together] == alone
     assert _metric(llama, "deltatune_batch_rows_count", 'kind="complete"') - before < len(bodies)  # some batched
+
+
+def test_the_models_generation_config_applies_as_in_generate(llama, llama_runs, root):
+    """A model whose generation_config.json asks for a repetition penalty, an n-gram ban and a minimum length:
+    `generate` applies them even when greedy, so the server must too (fails if decode skips the processors)."""
+    from deltatune.export.merge import merge
+
+    merge(llama_runs["lb"], root / "penalised")
+    config = json.loads((root / "penalised" / "generation_config.json").read_text())
+    plain = api.generate(root / "penalised", PROMPTS, max_new_tokens=16)
+    config.update(repetition_penalty=5.0, no_repeat_ngram_size=2, min_new_tokens=3)
+    (root / "penalised" / "generation_config.json").write_text(json.dumps(config))
+    own = api.generate(root / "penalised", PROMPTS, max_new_tokens=16)
+    assert [o["text"] for o in own] != [p["text"] for p in plain]  # the settings change the answers
+    assert admin(llama, "POST", "penalised", "penalised").status_code == 201
+    try:
+        for prompt, expected in zip(PROMPTS, own):
+            body = {"model": "penalised", "prompt": prompt, "max_tokens": 16, "temperature": 0}
+            assert llama.http.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected["text"]
+    finally:
+        admin(llama, "DELETE", "penalised")

@@ -11,6 +11,7 @@ stops at its own stop strings, and reports text as it grows (server-sent events)
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,11 +36,16 @@ class Row:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
     sent: str = ""  # what on_text has been given so far
     generator: torch.Generator | None = None
+    processors: object = None  # the model's greedy LogitsProcessorList for this row (see `processors`)
 
 
 def pick(row: Row, logits: torch.Tensor) -> int:
-    """The next token: argmax for greedy; else temperature, then nucleus (top_p) filtering as transformers'
-    TemperatureLogitsWarper and TopPLogitsWarper do, then a draw from the row's own generator."""
+    """The next token: the model's own logits processors first (its generation_config's repetition penalty,
+    n-gram ban, minimum length...: what `generate` applies even when greedy), then argmax for greedy; else
+    temperature, then nucleus (top_p) filtering as transformers' TemperatureLogitsWarper and TopPLogitsWarper
+    do, then a draw from the row's own generator."""
+    if row.processors:
+        logits = row.processors(torch.tensor([row.ids + row.new]), logits[None])[0]
     if row.temperature <= 0:
         return int(logits.argmax())
     scores = logits / row.temperature
@@ -86,6 +92,21 @@ def advance(row: Row, token: int, eos: list[int], decode: Callable[[list[int]], 
             row.sent = shown
 
 
+def processors(model: torch.nn.Module, rows: list[Row], eos: list[int]) -> None:
+    """Give each row the logits processors `generate` would build from the model's generation_config with
+    sampling off (`deltatune generate` greedy; sampling settings are the row's own). None when there are none,
+    as for most models."""
+    from deltatune.serve.weights import inner_model
+
+    inner = inner_model(model)
+    config = copy.deepcopy(inner.generation_config)
+    config.update(do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=eos)
+    config._eos_token_tensor = torch.tensor(eos)  # what generate's _prepare_special_tokens sets (min lengths)
+    for r in rows:
+        built = inner._get_logits_processor(config, input_ids_seq_length=len(r.ids), device="cpu", model_kwargs={})
+        r.processors = built or None
+
+
 def _accepts(model: torch.nn.Module, name: str) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return name in inspect.signature(inner.forward).parameters
@@ -97,6 +118,7 @@ def decode(model: torch.nn.Module, rows: list[Row], pad: int, eos: list[int],
     """Answer every row (fills row.new, row.text, row.finish_reason). Rows with `adapter` set go through a
     shared peft model with per-row adapter names."""
     device = next(model.parameters()).device
+    processors(model, rows, eos)
     width = max(len(r.ids) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
