@@ -530,3 +530,33 @@ def test_the_models_generation_config_applies_as_in_generate(llama, llama_runs, 
             assert llama.http.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected["text"]
     finally:
         admin(llama, "DELETE", "penalised")
+
+
+def test_the_openai_client_and_curl_talk_to_it_as_the_readme_shows(llama, llama_runs, bert, bert_runs):
+    """README's two examples against a real server: the official `openai` client (chat, completions, streaming)
+    and curl; answers equal `deltatune generate` / `deltatune predict` for the same run."""
+    import subprocess
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{llama.url}/v1", api_key="unused", max_retries=0)
+    expected = api.generate(api.load_generator(llama_runs["lb"]), PROMPTS[:1], max_new_tokens=12)[0]["text"]
+    reply = client.chat.completions.create(model="lb", temperature=0, max_tokens=12,
+                                           messages=[{"role": "user", "content": PROMPTS[0]}])
+    assert reply.choices[0].message.content == expected and reply.model == "lb"
+    assert client.completions.create(model="lb", prompt=PROMPTS[0], temperature=0, max_tokens=12).choices[0].text \
+        == expected
+    stream = client.chat.completions.create(model="lb", temperature=0, max_tokens=12, stream=True,
+                                            messages=[{"role": "user", "content": PROMPTS[0]}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    assert {m.id for m in client.models.list()} >= {"la", "lb", "ia3", "prompt", "bottleneck"}
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="unknown adapter `nope`"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed here; the OpenAI-client half of this test passed")
+    out = subprocess.run(["curl", "-s", f"{bert.url}/v1/classify", "-H", "content-type: application/json", "-d",
+                          json.dumps({"adapter": "a", "texts": ["a warm, funny film", "a dull mess"]})],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    same_rows(json.loads(out)["results"], api.predict(bert_runs["a"], ["a warm, funny film", "a dull mess"]))
