@@ -20,6 +20,8 @@ from deltatune.reports import plots
 from deltatune.reports.page import Image, Section, Table, Text, write
 
 SAMPLE_GENERATIONS = 5
+# Names peft gives the modules it wraps or adds around a layer; the layer's own name is the one before them.
+PEFT_WRAPPERS = {"default", "base_layer", "modules_to_save", "original_module"}
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -116,9 +118,10 @@ def _parameters(cfg, labels) -> dict:
 
 
 def _module_kind(name: str, module) -> str:
-    """`query (Linear)`, `lora_A (Linear)`: the module's own name with layer numbers and peft's adapter name
-    (`default`) dropped, so all layers' copies of one module add up in one row."""
-    parts = [p for p in name.split(".") if not p.isdigit() and p != "default"]
+    """`query (Linear)`, `lora_A (Linear)`: the module's own name with layer numbers and peft's wrapper names
+    dropped, so all layers' copies of one module add up in one row (`classifier` then counts peft's untrained
+    copy of the head, `original_module`, in its total, as the model holds it)."""
+    parts = [p for p in name.split(".") if not p.isdigit() and p not in PEFT_WRAPPERS]
     return f"{parts[-1] if parts else 'model'} ({type(module).__name__})"
 
 
