@@ -114,13 +114,17 @@ def test_serve_passes_its_flags_to_the_library_call(monkeypatch, tmp_path):
     from deltatune.serve import command
 
     seen = {}
-    monkeypatch.setattr(command, "serve", lambda *a: seen.setdefault("args", a))
+    monkeypatch.setattr(command, "serve", lambda *a, **kw: seen.update(args=a, kw=kw))
     r = runner.invoke(app, ["serve", "--base", "minilm-l6", "--adapter", "a=runs/a", "--adapter", "b=runs/b",
-                            "--port", "8123", "--allowed-root", str(tmp_path), "--max-batch", "4"])
+                            "--port", "8123", "--allowed-root", str(tmp_path), "--max-batch", "4", "--merge", "b",
+                            "--log-level", "warning"])
     assert r.exit_code == 0, r.output
     base, adapters, runs, host, port, root, revision, settings = seen["args"]
     assert (base, adapters, runs, host, port, root) == ("minilm-l6", {"a": "runs/a", "b": "runs/b"}, [],
                                                        "127.0.0.1", 8123, tmp_path)
     assert settings.max_batch == 4 and settings.admin_token is None
+    assert seen["kw"] == {"log_level": "warning", "merge": ["b"]}
+    r = runner.invoke(app, ["serve", "--base", "minilm-l6", "--adapter", "a=x", "--log-level", "loud"])
+    assert r.exit_code == 2 and "--log-level" in r.output and "loud" in r.output
     r = runner.invoke(app, ["serve", "--base", "minilm-l6", "--adapter", "a=x", "--adapter", "a=y"])
     assert r.exit_code != 0 and "given twice" in str(r.exception or r.output)

@@ -78,12 +78,20 @@ def test_many_adapters_over_one_base_and_mixed_batches(make_config, tmp_path, to
         assert row["score"] == pytest.approx(alone[r][i]["score"], abs=1e-5)
 
 
-def test_multi_adapter_refuses_non_adapter_runs(make_config, tmp_path):
+def test_multi_adapter_holds_full_runs_too(make_config, tmp_path):
     from deltatune.inference import MultiAdapter
 
     full = train(make_config, tmp_path, "full", **{"method.name": "full"})
-    with pytest.raises(DeltatuneError, match="not an adapter run"):
-        MultiAdapter([full])
+    ia3 = train(make_config, tmp_path, "ia3", **{"method.name": "ia3"})
+    served = MultiAdapter([ia3, full])
+    texts = ["a good film", "the plot was dull"]
+    for run in (full, ia3):  # each as its own run answers, whatever else is loaded
+        assert [x["score"] for x in served.predict(texts, run)] == pytest.approx(
+            [x["score"] for x in api.predict(run, texts)], abs=1e-5)
+    with pytest.raises(DeltatuneError, match="is not one of the loaded runs"):
+        served.predict(texts, tmp_path / "other")
+    with pytest.raises(DeltatuneError, match="not a finished deltatune run"):
+        MultiAdapter([tmp_path])
 
 
 def test_params_counts_roberta_base_lora_without_weights(tmp_path):

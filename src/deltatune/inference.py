@@ -1,23 +1,20 @@
-"""Many task adapters over one base model in one process.
+"""Predicting with classification runs: the rows texts become (`encode`, `fill`), and many runs in one process.
 
-The base model is loaded once; each run's adapter (and its trained head) is attached under its own
-name. `predict` answers with one adapter at a time; `predict_mixed` serves a batch whose rows
-belong to different LoRA adapters in a single forward pass (peft's mixed-batch inference).
+`MultiAdapter` holds several runs as `deltatune serve` does (the base model once; LoRA adapters attached under
+their own names). `predict` answers with one run; `predict_mixed` serves a batch whose rows belong to
+different runs (LoRA adapters in a single forward pass: peft's mixed-batch inference).
 Rows are those of `api.predict`: one per text, blank texts flagged, truncation counted.
 """
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from deltatune import artifacts, models
 from deltatune import config as config_mod
-from deltatune.data.batching import collate
-from deltatune.engine.loop import seed_everything
 from deltatune.errors import DeltatuneError
 
 if TYPE_CHECKING:
@@ -51,67 +48,47 @@ def fill(row: dict, labels: list[str], probs: torch.Tensor) -> None:
 
 
 class MultiAdapter:
+    """Several classification runs in one process, held and answered as `deltatune serve` holds and answers them
+    (serve/engine.py, the one home of this): plain LoRA adapters over one base in one peft model, so a batch may
+    mix them in one forward pass; runs of any other method share every base weight they hold unchanged."""
+
     def __init__(self, run_dirs: list[str | Path], device: str = "cpu"):
-        from peft import PeftModel
-        from transformers import AutoTokenizer
+        from deltatune.serve.engine import Engine
 
         if not run_dirs:
             raise DeltatuneError("give at least one run directory")
         self.runs = [Path(r) for r in run_dirs]
         self.names = {str(r): f"run{i}" for i, r in enumerate(self.runs)}
-        cfgs = []
+        cfgs = {}
         for run in self.runs:
-            if not (run / "adapter").is_dir():
-                raise DeltatuneError(f"{run}: not an adapter run (no adapter/); multi-adapter serving needs runs "
-                                     f"trained with a peft method such as lora")
-            artifacts.check(run, run / "adapter")
-            cfgs.append(config_mod.load(run / "config.yaml"))
-        self.labels = {str(r): json.loads((r / "labels.json").read_text()) for r in self.runs}
-        first = cfgs[0]
-        for run, cfg in zip(self.runs[1:], cfgs[1:]):
-            if (cfg.model.name, cfg.task) != (first.model.name, first.task):
-                raise DeltatuneError(f"{run}: trained on `{cfg.model.name}` ({cfg.task}), but {self.runs[0]} on "
-                                     f"`{first.model.name}` ({first.task}); adapters must share one base model")
-            if len(self.labels[str(run)]) != len(self.labels[str(self.runs[0])]):
-                raise DeltatuneError(f"{run}: {len(self.labels[str(run)])} labels vs "
-                                     f"{len(self.labels[str(self.runs[0])])} in {self.runs[0]}; the shared base "
-                                     f"carries one head shape")
-        self.max_length = first.data.max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(self.runs[0] / "adapter")
-        seed_everything(first.train.seed)
-        base = models.load_classifier(first.model.name, self.labels[str(self.runs[0])], self.tokenizer,
-                                      first.model.revision, first.model.trust_remote_code, "sdpa")
-        self.model = PeftModel.from_pretrained(base, self.runs[0] / "adapter", adapter_name="run0")
-        for run in self.runs[1:]:
-            self.model.load_adapter(run / "adapter", adapter_name=self.names[str(run)])
-        self.model.to(device).eval()
-
-    def _rows(self, texts: list[str], runs: list[str], names: list[str] | None) -> list[dict]:
-        """One row per text (see `encode`); the scored ones in one forward pass, with adapter names[i]
-        for row i when given (a mixed batch), else the active adapter."""
-        keep, ids, rows = encode(self.tokenizer, texts, self.max_length)
-        for row, run in zip(rows, runs):
-            row["run"] = run
-        if not keep:
-            return rows
-        dev = next(self.model.parameters()).device
-        batch = {k: v.to(dev) for k, v in collate({"input_ids": ids}, self.tokenizer.pad_token_id).items()}
-        extra = {"adapter_names": [names[i] for i in keep]} if names is not None else {}
-        probs = self.model(**batch, **extra).logits.float().softmax(-1).cpu()
-        for i, p in zip(keep, probs):
-            fill(rows[i], self.labels[runs[i]], p)
-        return rows
+            if not (run / "config.yaml").is_file():
+                raise DeltatuneError(f"{run}: not a finished deltatune run (missing config.yaml). Fix: pass the "
+                                     f"output.dir of a run that completed `deltatune train`.")
+            cfgs[str(run)] = config_mod.load(run / "config.yaml")
+            if cfgs[str(run)].task != "classification":
+                raise DeltatuneError(f"{run}: a {cfgs[str(run)].task} run; predict classifies (use deltatune "
+                                     f"generate for decoders)")
+        # The base every adapter run must have been trained on: the first adapter run's (checked by fingerprint).
+        adapter_runs = [r for r in self.runs if (r / "adapter").is_dir()]
+        base = cfgs[str(adapter_runs[0])].model if adapter_runs else None
+        self.engine = Engine(base.name if base else None, base.revision if base else None, device)
+        for run in self.runs:
+            self.engine.add(self.names[str(run)], run)
 
     @torch.no_grad()
     def predict(self, texts: list[str], run: str | Path) -> list[dict]:
-        self.model.set_adapter(self._name(run))
-        return self._rows(texts, [str(run)] * len(texts), None)
+        """One row per text (see `encode`), answered by `run`, all its texts in one forward pass."""
+        return self.predict_mixed(texts, [run] * len(texts))
 
     @torch.no_grad()
     def predict_mixed(self, texts: list[str], runs: list[str | Path]) -> list[dict]:
-        """Row i is answered by adapter runs[i], all in one forward pass."""
-        names = [self._name(r) for r in runs]
-        return self._rows(texts, [str(r) for r in runs], names)
+        """Row i is answered by runs[i]; rows of LoRA adapters over one base go through one forward pass."""
+        engine = self.engine
+        works = [engine.prepare_classify(engine.get(self._name(r)), [t], sys.maxsize) for t, r in zip(texts, runs)]
+        rows = [row for answer in engine.classify_many(works) for row in answer]
+        for row, run in zip(rows, runs):
+            row["run"] = str(run)
+        return rows
 
     def _name(self, run: str | Path) -> str:
         if str(run) not in self.names:
