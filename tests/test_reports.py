@@ -147,6 +147,12 @@ def test_report_of_a_run_with_files_missing(cls_run, tmp_path):
     empty.mkdir()
     text = " ".join(Page(write_report(empty)["html"].read_text(encoding="utf-8")).text)
     assert "No config.yaml in the run directory." in text and "No training steps in metrics.jsonl" in text
+    # A summary.json of another shape (an older deltatune, a hand edit): only the sections reading it say so.
+    (empty / "summary.json").write_text(json.dumps({"task": "classification", "forgetting": "yes"}))
+    page = Page(write_report(empty)["html"].read_text(encoding="utf-8"))
+    text = " ".join(page.text)
+    assert page.ids("section") == RUN_SECTIONS
+    assert "This section could not be drawn from the run's files: AttributeError" in text
 
 
 def comparison(cls_run: Path, sft_run: Path) -> dict:

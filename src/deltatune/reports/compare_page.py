@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from deltatune.reports import plots
-from deltatune.reports.page import Image, Section, Table, Text, write
+from deltatune.reports.page import Image, Section, Table, Text, cell, write
 from deltatune.reports.run_report import read_metrics
 
 
@@ -33,7 +33,7 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
 def _label(run: dict, runs: list[dict]) -> str:
     """The method's name, with its lr when the same method appears more than once."""
     same = sum(r.get("method") == run.get("method") for r in runs)
-    return f"{run.get('method')} (lr {run.get('lr'):g})" if same > 1 and run.get("lr") is not None else \
+    return f"{run.get('method')} (lr {cell(run.get('lr'))})" if same > 1 and run.get("lr") is not None else \
         str(run.get("method"))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from deltatune.reports import plots
-from deltatune.reports.page import Image, Section, Table, Text, write
+from deltatune.reports.page import Image, Section, Table, Text, cell, write
 
 SAMPLE_GENERATIONS = 5
 # Names peft gives the modules it wraps or adds around a layer; the layer's own name is the one before them.
@@ -282,14 +282,14 @@ def _parameters_section(info: dict) -> list:
     if "not_recorded" in part:
         blocks: list = [Text(part["not_recorded"], "note")]
         if s.get("trainable_params") is not None:
-            blocks.append(Text(f"summary.json: {s['trainable_params']:,} of {s.get('total_params', 0):,} "
+            blocks.append(Text(f"summary.json: {cell(s['trainable_params'])} of {cell(s.get('total_params'))} "
                                f"parameters train."))
         return blocks
     rows = [[name, t, n, f"{100 * t / n:.2f}" if n else "-"] for name, t, n in part["by_type"]]
     check = ""
     if s.get("trainable_params") is not None:
         same = s["trainable_params"] == part["trainable"]
-        check = (f" summary.json recorded {s['trainable_params']:,} trainable: "
+        check = (f" summary.json recorded {cell(s['trainable_params'])} trainable: "
                  + ("the same." if same else "DIFFERENT (the method's code changed since the run?)."))
     return [Text(f"The method applied to the run's model as in training (meta device, no weights): "
                  f"{part['trainable']:,} of {part['total']:,} parameters train.{check}"),
@@ -374,22 +374,32 @@ def _setup_section(info: dict) -> list:
     return blocks
 
 
+def _config_section(info: dict) -> list:
+    return [Text(info["config_text"], "pre") if info["config_text"] else
+            Text("No config.yaml in the run directory.", "note")]
+
+
+def _guarded(build, info: dict) -> list:
+    """A section whose files hold something unexpected (an older deltatune wrote them, a hand edit) says so
+    in its place; the rest of the page still renders."""
+    try:
+        return build(info)
+    except Exception as e:  # noqa: BLE001 - one odd file must not cost the whole report
+        return [Text(f"This section could not be drawn from the run's files: {type(e).__name__}: {e}", "note")]
+
+
 def sections(info: dict) -> list[Section]:
-    task = (info["summary"] or {}).get("task") or (info["config"] or {}).get("task")
-    return [
-        Section("overview", "Overview", _overview(info)),
-        Section("curves", "Loss and learning rate", _curves(info)),
-        Section("evaluation", "Evaluation metrics", _evaluation(info)),
-        Section("throughput", "Tokens per second", _throughput(info)),
-        Section("predictions", "Confusion matrix" if task == "classification" else "Sample generations",
-                _predictions_section(info)),
-        Section("parameters", "Parameters by module type", _parameters_section(info)),
-        Section("data", "Data accounting", _data_section(info)),
-        Section("forgetting", "Forgetting probe", _forgetting_section(info)),
-        Section("setup", "Precision, distribution, memory plan", _setup_section(info)),
-        Section("config", "Resolved config", [Text(info["config_text"], "pre") if info["config_text"] else
-                                              Text("No config.yaml in the run directory.", "note")]),
-    ]
+    summary, config = info["summary"] or {}, info["config"] if isinstance(info["config"], dict) else {}
+    task = summary.get("task") or config.get("task")
+    parts = [("overview", "Overview", _overview), ("curves", "Loss and learning rate", _curves),
+             ("evaluation", "Evaluation metrics", _evaluation), ("throughput", "Tokens per second", _throughput),
+             ("predictions", "Confusion matrix" if task == "classification" else "Sample generations",
+              _predictions_section),
+             ("parameters", "Parameters by module type", _parameters_section),
+             ("data", "Data accounting", _data_section), ("forgetting", "Forgetting probe", _forgetting_section),
+             ("setup", "Precision, distribution, memory plan", _setup_section),
+             ("config", "Resolved config", _config_section)]
+    return [Section(id_, title, _guarded(build, info)) for id_, title, build in parts]
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, compute: bool = True) -> dict[str, Path]:
