@@ -28,7 +28,7 @@ from deltatune import data as data_mod
 from deltatune.config import RunConfig
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data.batching import collate, eval_batches
-from deltatune.engine import checkpoints, distributed, faults, loop, precision, runlock
+from deltatune.engine import checkpoints, distributed, faults, loop, precision, runlock, tracking
 from deltatune.engine.artifact import artifact_dir
 from deltatune.engine.artifact import recover as recover_model_save
 from deltatune.engine.report import console, summary_table
@@ -117,6 +117,7 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
         console.print(f"--resume auto: no complete checkpoint in {checkpoints.checkpoints_dir(run_dir)}; starting "
                       f"from the beginning.", highlight=False, soft_wrap=True)
     preflight.run(cfg, resuming=resume_from is not None)
+    tracking.check(cfg.output)  # a tracker whose package is missing: refused before anything loads
     dist = distributed.setup(group=cfg.train.distributed in ("fsdp", "deepspeed"))  # these need a group of one too
     try:
         if dist.is_main:
@@ -151,23 +152,26 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
                           f"({100 * trainable / total:.3f}%)", highlight=False)
         setup_s = time.perf_counter() - t0
         lr_scale = methods.REGISTRY[cfg.method.name].lr_scale
-        progress["started"] = True  # from here a failure leaves the run directory for a resume to use
-        try:
-            result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist,
-                                lr_scale=(lambda name: lr_scale(cfg.method, name)) if lr_scale else None,
-                                resume=resume_from)
-        except (RuntimeError, MemoryError) as e:
-            if not faults.is_oom(e):
-                raise
-            raise faults.out_of_memory(e, cfg, dist.device) from None
-        saved = artifact_dir(run_dir, model)
-        summary = {"run_dir": str(run_dir), "task": cfg.task, "model": cfg.model.name, "method": cfg.method.name,
-                   "labels": bundle.labels, "data": bundle.stats, "setup_seconds": round(setup_s, 2),
-                   "trainable_percent": round(100 * trainable / total, 4), "artifact": saved.name,
-                   "artifact_mb": round(_weights_mb(saved), 3), **result}
-        if dist.is_main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-            console.print(summary_table(summary))
+        resume_step = None if resume_from is None else checkpoints.step_of(resume_from)
+        with tracking.opened(cfg, run_dir, resume_step, dist.is_main) as trackers:  # output.tracking
+            progress["started"] = True  # from here a failure leaves the run directory for a resume to use
+            try:
+                result = loop.train(model, tokenizer, bundle, cfg, run_dir, dist,
+                                    lr_scale=(lambda name: lr_scale(cfg.method, name)) if lr_scale else None,
+                                    resume=resume_from, trackers=trackers)
+            except (RuntimeError, MemoryError) as e:
+                if not faults.is_oom(e):
+                    raise
+                raise faults.out_of_memory(e, cfg, dist.device) from None
+            saved = artifact_dir(run_dir, model)
+            summary = {"run_dir": str(run_dir), "task": cfg.task, "model": cfg.model.name, "method": cfg.method.name,
+                       "labels": bundle.labels, "data": bundle.stats, "setup_seconds": round(setup_s, 2),
+                       "trainable_percent": round(100 * trainable / total, 4), "artifact": saved.name,
+                       "artifact_mb": round(_weights_mb(saved), 3), **result}
+            if dist.is_main:
+                (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+                console.print(summary_table(summary))
+            trackers.finish(summary)
         return summary
     finally:
         distributed.teardown(dist, ok=sys.exc_info()[1] is None)  # no barrier while an exception propagates

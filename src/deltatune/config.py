@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from deltatune.errors import ConfigError, did_you_mean
 from deltatune.methods import REGISTRY, MethodConfig
@@ -126,6 +126,35 @@ class EvalSection(Section):
 class OutputSection(Section):
     dir: str = "runs/default"
     overwrite: bool = Field(False, description="replace an existing run directory")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers that also get metrics.jsonl's records, the config "
+        "and the summary: tensorboard (<output.dir>/tensorboard/), mlflow (see output.mlflow_uri); docs/tracking.md")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (a server, sqlite:///mlflow.db, a "
+                                   "directory); default: $MLFLOW_TRACKING_URI, else ./mlruns (a local file store)")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment of the run; default: "
+                                          "$MLFLOW_EXPERIMENT_NAME, else deltatune")
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracking_list(cls, v: Any) -> Any:
+        # `output.tracking=tensorboard` or `=tensorboard,mlflow` on the command line is YAML for a string.
+        return [part.strip() for part in v.split(",") if part.strip()] if isinstance(v, str) else v
+
+    @field_validator("tracking")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each tracker at most once")
+        return v
+
+    @field_validator("mlflow_uri", "mlflow_experiment")
+    @classmethod
+    def _mlflow_only(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # Set but not read would be a setting silently ignored.
+        if v is not None and "mlflow" not in (info.data.get("tracking") or []):
+            raise ValueError(f"read only by the mlflow tracker, and output.tracking does not list mlflow. Fix: add "
+                             f"it (e.g. output.tracking=[mlflow]), or remove output.{info.field_name}")
+        return v
 
 
 def is_lm(task: str) -> bool:

@@ -53,6 +53,7 @@ from deltatune.engine.distributed import Dist
 from deltatune.engine.killpoints import kill_point
 from deltatune.engine.report import RunLog, console
 from deltatune.engine.strategy import Single
+from deltatune.engine.tracking import Trackers
 from deltatune.engine.train_state import TrainState
 from deltatune.evaluation import forgetting, generation, metrics
 from deltatune.methods import count_parameters
@@ -153,10 +154,11 @@ class Run:
 
 
 def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, run_dir: Path, dist: Dist,
-          lr_scale=None, resume: Path | None = None) -> dict:
-    """Set up, then steps, logging windows, evaluations and checkpoints until the last step; the summary."""
+          lr_scale=None, resume: Path | None = None, trackers: Trackers | None = None) -> dict:
+    """Set up, then steps, logging windows, evaluations and checkpoints until the last step; the summary.
+    `trackers` (engine/tracking.py) get every record metrics.jsonl gets."""
     run, state = setup(model, tokenizer, data, cfg, run_dir, dist, lr_scale)
-    with (RunLog(run_dir, dist.is_main, run.total_steps) as log,
+    with (RunLog(run_dir, dist.is_main, run.total_steps, trackers) as log,
           # The buffer replaces weight.grad, which only the plain torch path reads (not DeepSpeed's or FSDP's hooks).
           embedding_grad.row_buffered(model, dist.world if run.strategy.name in ("single", "ddp") else 0)
           as run.row_grad,
