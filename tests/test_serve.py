@@ -560,3 +560,20 @@ def test_the_openai_client_and_curl_talk_to_it_as_the_readme_shows(llama, llama_
                           json.dumps({"adapter": "a", "texts": ["a warm, funny film", "a dull mess"]})],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     same_rows(json.loads(out)["results"], api.predict(bert_runs["a"], ["a warm, funny film", "a dull mess"]))
+
+
+def test_the_base_fingerprint_recorded_at_training_is_what_is_checked(bert, tiny_bert, toy_data, root):
+    """summary.json records the base's fingerprint; the server checks that, so a run whose base directory is gone
+    from this machine still loads over the same weights, and a run whose recorded base differs is refused."""
+    copy = shutil.copytree(tiny_bert, root / "bert-copy")
+    run = train(root / "on-copy", **{"model.name": copy, "data.train": toy_data["train"], "method.name": "lora",
+                                     "data.validation": toy_data["validation"]})
+    assert json.loads((run / "summary.json").read_text())["base"]["fingerprint"] == \
+        bert.app.state.engine.base.fingerprint
+    shutil.rmtree(copy)
+    assert admin(bert, "POST", "on-copy", "on-copy").status_code == 201
+    assert admin(bert, "DELETE", "on-copy").status_code == 200
+    summary = json.loads((run / "summary.json").read_text())
+    summary["base"]["fingerprint"] = "0" * 16
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert "fingerprint 0000000000000000" in error(admin(bert, "POST", "on-copy", "on-copy"), 409)

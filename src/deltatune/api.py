@@ -34,6 +34,7 @@ from deltatune.engine.artifact import recover as recover_model_save
 from deltatune.engine.report import console, summary_table
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods import lora as lora_mod
+from deltatune.models import identity
 
 
 def train(cfg: RunConfig, resume: str | None = None, resume_command: str | None = None) -> dict:
@@ -165,6 +166,8 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
                 raise faults.out_of_memory(e, cfg, dist.device) from None
             saved = artifact_dir(run_dir, model)
             summary = {"run_dir": str(run_dir), "task": cfg.task, "model": cfg.model.name, "method": cfg.method.name,
+                       # what `deltatune serve` checks an adapter's base against (models/identity.py)
+                       "base": identity.identity(cfg.model.name, cfg.model.revision),
                        "labels": bundle.labels, "data": bundle.stats, "setup_seconds": round(setup_s, 2),
                        "trainable_percent": round(100 * trainable / total, 4), "artifact": saved.name,
                        "artifact_mb": round(_weights_mb(saved), 3), **result}

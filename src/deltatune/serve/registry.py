@@ -3,24 +3,24 @@
 A path comes from the command line or from an admin request: it must lie under the allowed root (after
 resolving symlinks; `..` is refused outright), every file the server reads must resolve inside that root
 too, and weights must be safetensors (pickle files run code when loaded). An adapter must have been
-trained on the server's base: same model (config.json and weights fingerprint) and revision. The check
+trained on the server's base: same model (config.json and weights fingerprint, as recorded in the run's
+summary.json at training, else computed from the model of that name here) and revision. The check
 that its target modules exist in the base is made when it loads (engine.py): every saved tensor must
 find its place, or the adapter is refused instead of silently serving the base model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
+from deltatune.models import identity
 from deltatune.serve.errors import ServeError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 RUN_FILES = ("config.yaml", "labels.json", "summary.json")
-SAMPLE_BYTES = 1 << 20  # of each weights file, hashed into the fingerprint (whole files would take minutes)
 
 
 def check_name(name: str) -> str:
@@ -70,38 +70,21 @@ def resolve_run(root: str | Path, run_dir: str | Path) -> Path:
 
 
 def model_dir(name: str, revision: str | None = None) -> Path:
-    """The local directory holding `name`'s config.json (built-in name, local directory or cached hub id)."""
+    """The local directory of `name` (models/identity.py), or a 400 saying why it cannot be found."""
     from deltatune.errors import DeltatuneError
-    from deltatune.models.catalogue import resolve
 
     try:
-        source = resolve(name, revision)
+        return identity.model_dir(name, revision)
     except DeltatuneError as e:
         raise ServeError(f"base model `{name}` cannot be found here: {e}", 400, "base_not_found") from None
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(source, "config.json", revision=revision)
-    if not isinstance(cached, str):
-        raise ServeError(f"base model `{name}`: config.json is not in the local Hugging Face cache", 400,
-                         "base_not_found")
-    return Path(cached).parent
 
 
-def fingerprint(directory: Path) -> str:
-    """A model's identity: its config.json (as data, without transformers' bookkeeping keys) and, for each
-    safetensors file, its size and the hash of its first MiB (the header and the first tensors). Two copies
-    of one model agree; two models with the same architecture but other weights do not."""
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    for key in ("_name_or_path", "transformers_version"):
-        config.pop(key, None)
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for f in sorted(directory.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}:".encode())
-        with open(f, "rb") as fh:
-            h.update(hashlib.sha256(fh.read(SAMPLE_BYTES)).digest())
-    return h.hexdigest()[:16]
+def recorded_base(run_dir: Path) -> dict | None:
+    """The base the run recorded at training (summary.json `base`, since stop 20), if any."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError):
+        return None
 
 
 class Base:
@@ -110,15 +93,17 @@ class Base:
     def __init__(self, name: str, revision: str | None = None):
         self.name, self.revision = name, revision
         self.directory = model_dir(name, revision)
-        self.fingerprint = fingerprint(self.directory)
+        self.fingerprint = identity.fingerprint(self.directory)
 
     def check_run(self, run_dir: Path, model_name: str, model_revision: str | None) -> None:
         """Refuse an adapter trained on another model: never answer with a base it was not trained on."""
         if model_revision != self.revision and model_name == self.name:
             raise ServeError(f"{run_dir}: trained on `{model_name}` revision {model_revision}, the server's base is "
                              f"revision {self.revision}", 409, "base_mismatch")
+        recorded = recorded_base(run_dir)
         try:
-            theirs = fingerprint(model_dir(model_name, model_revision))
+            theirs = (recorded["fingerprint"] if recorded
+                      else identity.fingerprint(model_dir(model_name, model_revision)))
         except ServeError as e:
             raise ServeError(f"{run_dir}: trained on `{model_name}`, which cannot be found on this machine, so it "
                              f"cannot be checked against the server's base `{self.name}` ({e}). Fix: make that "
