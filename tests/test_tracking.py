@@ -214,3 +214,19 @@ def test_a_tracker_that_fails_mid_run_is_dropped_with_a_warning_and_the_others_g
                         (4, {"train/skipped_step": 1.0})]
     assert bad.closed == "FAILED" and trackers.backends == [good]
     assert len(said) == 1 and "mlflow failed (ConnectionError: tracking server gone)" in said[0]
+
+
+def test_other_ranks_track_nothing_and_a_failed_run_ends_failed_in_mlflow(mlflow_env):
+    cfg = config.load(None, ["data.train=x.csv", "output.tracking=[tensorboard, mlflow]", "output.dir=run"])
+    run = mlflow_env / "run"
+    run.mkdir()
+    with tracking.opened(cfg, run, None, enabled=False) as trackers:  # a rank other than 0
+        trackers.record({"step": 1, "loss": 0.5})
+    assert trackers.backends == [] and list(run.iterdir()) == [] and not (mlflow_env / "mlruns").exists()
+    for raised, status in ((RuntimeError("diverged"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        with pytest.raises(type(raised)), tracking.opened(cfg, run, None, enabled=True) as trackers:
+            trackers.record({"step": 1, "loss": 0.5})
+            raise raised
+        client, mrun = mlflow_run(mlflow_env / "mlruns")
+        assert mrun.info.status == status and mrun.data.metrics == {"train/loss": 0.5}
+        client.delete_run(mrun.info.run_id)
