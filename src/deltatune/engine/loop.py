@@ -158,7 +158,7 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
     """Set up, then steps, logging windows, evaluations and checkpoints until the last step; the summary.
     `trackers` (engine/tracking.py) get every record metrics.jsonl gets."""
     run, state = setup(model, tokenizer, data, cfg, run_dir, dist, lr_scale)
-    with (RunLog(run_dir, dist.is_main, run.total_steps, trackers) as log,
+    with (RunLog(run_dir, dist.is_main, run.total_steps, trackers.record if trackers is not None else None) as log,
           # The buffer replaces weight.grad, which only the plain torch path reads (not DeepSpeed's or FSDP's hooks).
           embedding_grad.row_buffered(model, dist.world if run.strategy.name in ("single", "ddp") else 0)
           as run.row_grad,

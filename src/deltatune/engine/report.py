@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -18,19 +18,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from deltatune.engine.tracking import Trackers
-
 console = Console(stderr=True)
 
 
 class RunLog:
-    """Rank-0 only: every logged step and eval becomes one JSON line in metrics.jsonl, and goes to the
-    experiment trackers (output.tracking) too."""
+    """Rank-0 only: every logged step and eval becomes one JSON line in metrics.jsonl, and goes to
+    `on_record` too (the experiment trackers of output.tracking: tracking.Trackers.record)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, trackers: Trackers | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int,
+                 on_record: Callable[[dict], None] | None = None):
         self.enabled = enabled
-        self.trackers = trackers
+        self.on_record = on_record
         self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -65,8 +63,8 @@ class RunLog:
         if self.file:
             self.file.write(json.dumps({"time": round(time.perf_counter() - self.start, 3), **record}) + "\n")
             self.file.flush()
-            if self.trackers is not None:
-                self.trackers.record(record)
+            if self.on_record is not None:
+                self.on_record(record)
 
     def print(self, msg: str) -> None:
         if self.enabled:
