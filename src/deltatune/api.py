@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from deltatune import artifacts, inference, methods, models, preflight
+from deltatune import artifacts, methods, models, prediction, preflight
 from deltatune import config as config_mod
 from deltatune import data as data_mod
 from deltatune.config import RunConfig
@@ -345,13 +345,13 @@ def predict(run_dir: str | Path | LoadedRun, texts: list[str], batch_size: int =
     if run.config.task != "classification":
         raise DeltatuneError(f"{run.path}: predict labels texts with a classification run; this is a "
                              f"{run.config.task} run. Use `deltatune eval` for its loss/perplexity.")
-    keep, enc, rows = inference.encode(run.tokenizer, texts, run.config.data.max_length)
+    keep, enc, rows = prediction.encode(run.tokenizer, texts, run.config.data.max_length)
     device = next(run.model.parameters()).device
     for ids in eval_batches([len(x) for x in enc], batch_size):
         batch = collate({"input_ids": [enc[i] for i in ids]}, run.tokenizer.pad_token_id)
         probs = run.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1).cpu()
         for row, i in enumerate(ids):
-            inference.fill(rows[keep[i]], run.labels, probs[row])
+            prediction.fill(rows[keep[i]], run.labels, probs[row])
     return rows
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from deltatune import api, artifacts, inference, models
+from deltatune import api, artifacts, models, prediction
 from deltatune import config as config_mod
 from deltatune.data.batching import collate
 from deltatune.engine import loop, precision
@@ -313,7 +313,7 @@ class Engine:
 
     def prepare_classify(self, served: Served, texts: list[str], max_input_tokens: int) -> ClassifyWork:
         with self.tokenizing:
-            keep, ids, rows = inference.encode(served.tokenizer, texts, served.max_length)
+            keep, ids, rows = prediction.encode(served.tokenizer, texts, served.max_length)
         for i, row in enumerate(rows):
             if row["tokens_total"] > max_input_tokens:
                 raise ServeError(f"texts[{i}] has {row['tokens_total']} tokens, over this server's limit of "
@@ -365,7 +365,7 @@ class Engine:
             extra = {"adapter_names": [w.served.peft_name for w, _ in todo]} if unit.pooled else {}
             probs = unit.model(**{k: v.to(self.device) for k, v in batch.items()}, **extra).logits
             for (w, k), p in zip(todo, probs.float().softmax(-1).cpu()):
-                inference.fill(w.rows[w.keep[k]], w.served.labels, p)
+                prediction.fill(w.rows[w.keep[k]], w.served.labels, p)
         return out
 
     @torch.no_grad()
