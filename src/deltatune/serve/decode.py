@@ -107,6 +107,19 @@ def processors(model: torch.nn.Module, rows: list[Row], eos: list[int]) -> None:
         r.processors = built or None
 
 
+def routing(model: torch.nn.Module, names: list[str | None]) -> dict:
+    """How a batch reaches its adapters in a shared peft model: every row for one adapter -> make it the active
+    one and run peft's plain forward; rows for several -> peft's `adapter_names` (the mixed-batch forward, which
+    splits each layer's input by adapter: measurably slower, so only when needed). Not a shared model: {}."""
+    if names[0] is None:
+        return {}
+    if len(set(names)) > 1:
+        return {"adapter_names": names}
+    if model.active_adapter != names[0]:
+        model.set_adapter(names[0], inference_mode=True)
+    return {}
+
+
 def _accepts(model: torch.nn.Module, name: str) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return name in inspect.signature(inner.forward).parameters
@@ -126,7 +139,7 @@ def decode(model: torch.nn.Module, rows: list[Row], pad: int, eos: list[int],
         ids[i, width - len(r.ids):] = torch.tensor(r.ids)
         mask[i, width - len(r.ids):] = 1
     position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    extra = {"adapter_names": [r.adapter for r in rows]} if rows[0].adapter is not None else {}
+    extra = routing(model, [r.adapter for r in rows])
     if _accepts(model, "logits_to_keep"):
         extra["logits_to_keep"] = 1  # as generate does: the head runs on the last position only
     cache = None

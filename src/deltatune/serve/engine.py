@@ -362,7 +362,7 @@ class Engine:
                 continue
             pad = members[0].served.tokenizer.pad_token_id
             batch = collate({"input_ids": [w.ids[k] for w, k in todo]}, pad)
-            extra = {"adapter_names": [w.served.peft_name for w, _ in todo]} if unit.pooled else {}
+            extra = decode.routing(unit.model, [w.served.peft_name for w, _ in todo])
             probs = unit.model(**{k: v.to(self.device) for k, v in batch.items()}, **extra).logits
             for (w, k), p in zip(todo, probs.float().softmax(-1).cpu()):
                 prediction.fill(w.rows[w.keep[k]], w.served.labels, p)
