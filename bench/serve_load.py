@@ -4,10 +4,11 @@
 
 1. Trains (or reuses, under bench/.work/serve/) three MiniLM-L6 classification adapters on
    builtin:movie-reviews with `deltatune.api.train` -- LoRA r=8 twice (other seeds) and IA3, 40 steps each:
-   they only need to exist -- and one full fine-tune (10 steps), the storage table's "full model".
+   they only need to exist -- and three full fine-tunes (10 steps, other seeds), the storage table's "full models".
 2. Starts the real command line, `python -m deltatune serve`, on 127.0.0.1 and a free port, serving the three
-   adapters: dynamic batching (--max-batch 32, the default) and one request per batch (--max-batch 1), a fresh
-   server per mode, ROUNDS times, alternating.
+   adapters: dynamic batching (--max-batch 32, the default) and one request per batch (--max-batch 1); then
+   lora-a alone, unmerged and merged (--merge lora-a: the hot-adapter fast path). A fresh server per mode, ROUNDS
+   times, in that order.
 3. Drives each from a separate client process: CLIENTS asyncio tasks, each with its own httpx.AsyncClient
    (one keep-alive connection), loop POST /v1/classify with one short text to a random adapter. A warm-up
    phase first (not counted), then SECONDS measured: requests/s, latency percentiles, and every answer that
@@ -15,8 +16,9 @@
    and after the measured phase gives the mean batch size the server formed; /proc gives the CPU time the
    server and the client used in it (100% of a core on the client side means the client set the pace).
 4. Storage: adapters vs full models on disk (artifact directories, the base once) and in RAM (the server's
-   RSS after answering one request per served name, with 1, 2 and 10 LoRA adapters, the 3 adapters, and 1 and
-   3 full models -- the same run served under several names is loaded once per name).
+   RSS after answering one request per served name, with 1, 2 and 10 LoRA adapters, 1 and 10 IA3, the 3
+   adapters, lora-a merged, and 1 and 3 full models -- the same run served under several names: LoRA is loaded
+   once per name, other models share all their equal tensors).
 Writes docs/serve-table.md (`--quick`: bench/.work/serve/serve-table-quick.md) and prints it.
 
 Cores: this machine has 2; by default the server is pinned to CPU 1 with one torch thread and the client
@@ -61,12 +63,17 @@ ADAPTERS = {  # served name -> overrides. Two LoRAs share one base in the server
     "lora-b": ["method.name=lora", "method.r=8", "train.seed=2", "train.lr=1e-3"],
     "ia3": ["method.name=ia3", "train.seed=3", "train.lr=3e-3"],
 }
-FULL = ["method.name=full", "train.max_steps=10", "train.lr=5e-5", "train.seed=4"]
+FULLS = {f"full-{i}": ["method.name=full", "train.max_steps=10", "train.lr=5e-5", f"train.seed={3 + i}"]
+         for i in (1, 2, 3)}  # three different full fine-tunes: the storage table's "N full models"
 BATCHED, SINGLE = "dynamic batching (--max-batch 32)", "batch size 1 (--max-batch 1)"
-MODES = {BATCHED: "32", SINGLE: "1"}  # label -> --max-batch (32 is also the command's default)
-# What the RAM table's rows served (the same run under several names is loaded once per name)
+HOT, HOT_MERGED = "one LoRA adapter (lora-a), unmerged", "one LoRA adapter (lora-a), --merge lora-a"
+MODES = {BATCHED: ["--max-batch", "32"], SINGLE: ["--max-batch", "1"]}  # over the 3 adapters
+HOT_MODES = {HOT: [], HOT_MERGED: ["--merge", "lora-a"]}  # lora-a alone, every request to it, batching on
+# What the RAM table's rows served. The same run under several names: LoRA adapters are loaded once per name
+# into the pooled model; other models share every equal tensor, so IA3 x10 costs its per-model bookkeeping.
 THREE, AFTER = "the 3 adapters (2 LoRA + IA3)", "the 3 adapters, after the load test"
-LORA_10, FULL_3 = "10 LoRA (lora-a under 10 names)", "3 full models (the full run under 3 names)"
+LORA_10, IA3_10 = "10 LoRA (lora-a under 10 names)", "10 IA3 (ia3 under 10 names: its vectors shared too)"
+FULL_3, MERGED = "3 full models (3 different full fine-tunes)", "lora-a served merged (--merge)"
 TEXTS = ["a warm, funny film", "dull and far too long", "the actors were superb", "I want my two hours back",
          "a quiet, moving story", "the plot makes no sense", "beautifully shot and well acted", "boring",
          "one of the best films this year", "the dialogue was painful", "charming from start to finish",
@@ -153,9 +160,13 @@ class Server:
                 sys.exit(f"{name}: {r.status_code} {r.text}")
 
     def memory_mb(self) -> dict[str, float]:
-        """VmRSS (now), VmHWM (peak), and RSS in anonymous memory and in mapped files, of the server, in MiB."""
+        """VmRSS (now), VmHWM (peak), and RSS in anonymous memory and in mapped files, of the server, in MiB; and
+        the weights its served models hold, each tensor counted once (GET /v1/models `weights_mb`)."""
+        import httpx
+
         fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.pid}/status").read_text().splitlines())
-        return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+        out = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+        return {**out, "weights": httpx.get(f"{self.url}/v1/models", timeout=30).json()["weights_mb"]}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -248,9 +259,10 @@ async def drive(url: str, adapters: list[str], clients: int, seconds: float, war
             "server_cpu": cpu_server / wall, "client_cpu": cpu_client / wall}
 
 
-def load_test(server: Server, args, cpus: set[int] | None) -> dict:
+def load_test(server: Server, args, cpus: set[int] | None, names: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--drive", server.url, "--server-pid", str(server.pid),
-           "--clients", str(args.clients), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+           "--clients", str(args.clients), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+           "--names", ",".join(names)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, preexec_fn=pinned(cpus))
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -290,27 +302,30 @@ def storage_tables(disk: dict, ram: dict[str, dict]) -> list[str]:
     lines = ["On disk (what serving needs: each run's artifact directory -- weights, tokenizer, configs -- and, for "
              "adapters, the base model once):", "",
              "| run | method | weights (safetensors) MB | artifact directory MB |", "|---|---|---:|---:|"]
-    for name, method in (("lora-a", "lora r=8"), ("lora-b", "lora r=8"), ("ia3", "ia3"), ("full", "full")):
+    for name, method in (("lora-a", "lora r=8"), ("lora-b", "lora r=8"), ("ia3", "ia3"), ("full-1", "full")):
         lines.append(f"| {name} | {method} | {mb(disk['weights'][name])} | {mb(disk['dirs'][name])} |")
     lines += [f"| base minilm-l6 | -- | {mb(disk['base'])} | {mb(disk['base_dir'])} |", "",
               "| N tasks | N adapters + the base, MB | N full models, MB | full / adapters |", "|---:|---:|---:|---:|"]
     for n in (1, 3, 10, 100):
-        a, f = disk["base_dir"] + n * adapter_dir, n * disk["dirs"]["full"]
+        a, f = disk["base_dir"] + n * adapter_dir, n * disk["dirs"]["full-1"]
         lines.append(f"| {n} | {mb(a)} | {mb(f)} | {f / a:.1f}x |")
     rss = {k: m["VmRSS"] for k, m in ram.items()}
-    weights = disk["weights"]["full"] / 2**20
+    weights = disk["weights"]["full-1"] / 2**20
     lora_step = (rss[LORA_10] - rss["1 LoRA"]) / 9  # each further LoRA adapter on the shared base
     full_step = (rss[FULL_3] - rss["1 full model"]) / 2  # each further full model, as measured
-    lines += ["", "In RAM (the server process's RSS after one request per served name; a full model's weights are "
-              f"{weights:,.0f} MiB in fp32):", "", "| served | RSS MiB | peak RSS MiB |", "|---|---:|---:|"]
+    lines += ["", "In RAM (the server process's RSS after one request per served name, and the weights its models "
+              "hold, each tensor counted once; a full model's weights are "
+              f"{weights:,.0f} MiB in fp32):", "", "| served | weights held MiB | RSS MiB | peak RSS MiB |",
+              "|---|---:|---:|---:|"]
     for name, m in ram.items():
-        lines.append(f"| {name} | {m['VmRSS']:,.0f} | {m['VmHWM']:,.0f} |")
+        lines.append(f"| {name} | {m['weights']:,.1f} | {m['VmRSS']:,.0f} | {m['VmHWM']:,.0f} |")
+    ia3_step = (rss[IA3_10] - rss["1 IA3"]) / 9
     lines += ["", f"Each further LoRA adapter adds {lora_step:,.1f} MiB ((10 LoRA - 1 LoRA) / 9) for "
-              f"{disk['weights']['lora-a'] / 2**20:.1f} MiB of weights: the rest is what the server keeps per "
-              "adapter (each loads its own tokenizer, about 11 MiB for this one). Each further full model added "
-              f"{full_step:,.0f} MiB ((3 full - 1 full) / 2), less than its weights, presumably because later loads "
-              "reuse memory the first load freed; beyond 3 the table adds the larger of that step and the weights. "
-              "Measured where N was served, otherwise ~ projected:", "",
+              f"{disk['weights']['lora-a'] / 2**20:.1f} MiB of weights; identical tokenizers are loaded once. Each "
+              f"further IA3 model adds {ia3_step:,.1f} MiB: it has a model of its own, whose base weights are the "
+              f"ones already loaded (served models share every equal tensor). Each further full model added "
+              f"{full_step:,.0f} MiB ((3 full - 1 full) / 2); beyond 3 the table adds the larger of that step and "
+              "the weights. Measured where N was served, otherwise ~ projected:", "",
               "| N tasks | N LoRA adapters on one base, MiB | N full models, MiB | their weights alone, MiB "
               "| full / LoRA |", "|---:|---:|---:|---:|---:|"]
     for n in (1, 3, 10, 100):
@@ -320,18 +335,25 @@ def storage_tables(disk: dict, ram: dict[str, dict]) -> list[str]:
         a_cell = f"{'' if n in (1, 10) else '~ '}{a:,.0f}"
         f_cell = f"{'' if n in (1, 3) else '~ '}{f:,.0f}"
         lines.append(f"| {n} | {a_cell} | {f_cell} | {n * weights:,.0f} | {f / a:.1f}x |")
-    extra = rss[THREE] - rss["1 LoRA"]
-    lines += ["", f"The load test's 3 adapters take {extra:,.0f} MiB more than 1 LoRA: IA3 is served on its own copy "
-              "of the base (docs/serve.md: only plain LoRA adapters share it), so it costs about what a full model "
-              "does."]
+    held = {k: m["weights"] for k, m in ram.items()}
+    lines += ["", f"The load test's 3 adapters hold {held[THREE] - held['1 LoRA']:,.1f} MiB of weights more than 1 "
+              f"LoRA (IA3 shares the base), yet their RSS is {rss[THREE] - rss['1 LoRA']:,.0f} MiB more: a model "
+              "that is not pooled is loaded whole before its equal tensors are shared, and the allocator keeps part "
+              "of the freed copy (peak RSS shows the moment both copies lived). lora-a served merged holds "
+              f"{held[MERGED] - held['1 LoRA']:+,.1f} MiB of weights against lora-a unmerged: its own copy of the "
+              "weights the merge changed."]
     return lines
 
 
 def report(args, results: list[dict], disk: dict, ram: dict[str, dict], split: str) -> str:
     rps = {(r["mode"], r["round"]): r["requests_per_s"] for r in results}
-    ratios = [rps[BATCHED, k] / rps[SINGLE, k] for k in range(1, args.rounds + 1)]
-    ratio = f"{statistics.median(ratios):.1f}x" + ("" if len(ratios) == 1 else
-                                                   f" (median; per round {', '.join(f'{x:.1f}x' for x in ratios)})")
+
+    def ratio_of(fast: str, slow: str, digits: int = 1) -> str:
+        ratios = [rps[fast, k] / rps[slow, k] for k in range(1, args.rounds + 1)]
+        rounds = ", ".join(f"{x:.{digits}f}x" for x in ratios)
+        return f"{statistics.median(ratios):.{digits}f}x" + ("" if len(ratios) == 1 else
+                                                              f" (median; per round {rounds})")
+    ratio, hot = ratio_of(BATCHED, SINGLE), ratio_of(HOT_MERGED, HOT, 2)
     errors = sum(r["errors"] for r in results)
     command = " ".join([Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix(), *sys.argv[1:]])
     lines = ["# `deltatune serve` under load (bench/serve_load.py)", "",
@@ -341,14 +363,17 @@ def report(args, results: list[dict], disk: dict, ram: dict[str, dict], split: s
              f"builtin:movie-reviews) served by `python -m deltatune serve` on 127.0.0.1; {args.clients} concurrent "
              f"clients (asyncio, one httpx.AsyncClient and keep-alive connection each) send one short text per "
              f"request to a random adapter, {args.warmup:g} s warm-up, then {args.seconds:g} s measured; "
-             f"{args.rounds} round(s), each a fresh server per mode, batching first. {split}",
+             f"{args.rounds} round(s), each a fresh server per mode, in the table's order. The hot-adapter rows serve "
+             f"lora-a alone, every request to it, with batching, unmerged and merged. {split}",
              "", "## Throughput and latency", ""]
     lines += load_table(results, args.rounds)
     lines += ["", f"Dynamic batching answers **{ratio}** the requests/s of batch-size-1 serving (the issue's "
               f"target: >= 2x), with {errors} errors over all runs. Latency is client-side, from sending the "
               "request to reading the whole answer; mean batch is rows per batch from the server's /metrics "
               "(deltatune_batch_rows) over the measured phase; CPU is the process's CPU time / wall time over it "
-              "(100% = one core).", "", "## Storage: N adapters vs N full models", ""]
+              "(100% = one core).", "", f"A single hot LoRA adapter served merged (`--merge lora-a`) answers **{hot}** "
+              "the requests/s of the same adapter unmerged: the merged model does no adapter work per token.", "",
+              "## Storage: N adapters vs N full models", ""]
     lines += storage_tables(disk, ram)
     lines += ["", "## Every run's numbers", "", "```json",
               json.dumps({"load": results, "disk_bytes": disk, "ram_mib": ram}, indent=1), "```", ""]
@@ -362,16 +387,19 @@ def cpus_arg(text: str) -> set[int] | None:
 
 
 def memory_points(runs: dict[str, Path], cpus: set[int] | None) -> dict[str, dict]:
-    """The server's RSS with 1, 2 and 10 LoRA adapters on one base, and with 1 and 3 full models."""
+    """The server's RSS with 1, 2 and 10 LoRA adapters on one base, 1 and 10 IA3, lora-a merged, and with 1 and
+    3 full models."""
     def named(prefix: str, run: Path, n: int) -> dict[str, Path]:
         return {f"{prefix}-{i}": run for i in range(n)}
 
     points = {"1 LoRA": {"lora-a": runs["lora-a"]}, "2 LoRA": {n: runs[n] for n in ("lora-a", "lora-b")},
-              LORA_10: named("lora", runs["lora-a"], 10), "1 full model": {"full": runs["full"]},
-              FULL_3: named("full", runs["full"], 3)}
+              LORA_10: named("lora", runs["lora-a"], 10), "1 IA3": {"ia3": runs["ia3"]},
+              IA3_10: named("ia3", runs["ia3"], 10), MERGED: {"lora-a": runs["lora-a"]},
+              "1 full model": {"full-1": runs["full-1"]}, FULL_3: {n: runs[n] for n in FULLS}}
     out = {}
     for label, served in points.items():
         args = [a for name, run in served.items() for a in ("--adapter", f"{name}={run}")]
+        args += ["--merge", "lora-a"] if label == MERGED else []
         server = Server("server-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"), args, cpus)
         try:
             server.wait_ready()
@@ -382,22 +410,28 @@ def memory_points(runs: dict[str, Path], cpus: set[int] | None) -> dict[str, dic
     return out
 
 
-def load_rounds(args, adapter_args: list[str], server_cpus: set[int] | None, client_cpus: set[int] | None,
+def load_rounds(args, runs: dict[str, Path], server_cpus: set[int] | None, client_cpus: set[int] | None,
                 ram: dict[str, dict]) -> list[dict]:
-    """Each round: a fresh batching server, then a fresh batch-size-1 server, each under the same load. The
-    first batching server's RSS (before and after its load) goes into `ram`."""
+    """Each round: a fresh server per mode under the same load -- batching, then batch size 1, over the three
+    adapters; then lora-a alone, unmerged and merged. The first batching server's RSS (before and after its
+    load) goes into `ram`."""
+    three = [a for name in ADAPTERS for a in ("--adapter", f"{name}={runs[name]}")]
+    modes = {label: (three + flags, list(ADAPTERS)) for label, flags in MODES.items()}
+    modes.update({label: (["--adapter", f"lora-a={runs['lora-a']}", *flags], ["lora-a"])
+                  for label, flags in HOT_MODES.items()})
     results = []
     for round_ in range(1, args.rounds + 1):
-        for label, max_batch in MODES.items():
-            server = Server(f"server-max-batch-{max_batch}", [*adapter_args, "--max-batch", max_batch], server_cpus)
+        for label, (server_args, names) in modes.items():
+            server = Server("server-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"), server_args,
+                            server_cpus)
             first = round_ == 1 and label == BATCHED
             try:
                 server.wait_ready()
-                server.answer_once(list(ADAPTERS))
+                server.answer_once(names)
                 if first:
                     ram[THREE] = server.memory_mb()
                 print(f"round {round_}, {label}: {args.clients} clients, {args.seconds:g} s ...", flush=True)
-                results.append({"mode": label, "round": round_, **load_test(server, args, client_cpus)})
+                results.append({"mode": label, "round": round_, **load_test(server, args, client_cpus, names)})
                 print(json.dumps(results[-1]), flush=True)
                 if first:
                     ram[AFTER] = server.memory_mb()
@@ -409,21 +443,21 @@ def load_rounds(args, adapter_args: list[str], server_cpus: set[int] | None, cli
 def measure(args) -> str:
     WORK.mkdir(parents=True, exist_ok=True)
     runs = {name: trained(name, overrides) for name, overrides in ADAPTERS.items()}
-    runs["full"] = trained("full", FULL)
+    runs.update({name: trained(name, overrides) for name, overrides in FULLS.items()})
     server_cpus, client_cpus = cpus_arg(args.server_cpus), cpus_arg(args.client_cpus)
     split = ("No pinning: the server and the client share every core." if server_cpus is None else
              f"The server runs on CPU {args.server_cpus} (torch threads: {len(server_cpus)}), the client process "
              f"on CPU {args.client_cpus}.")
-    adapter_args = [a for name in ADAPTERS for a in ("--adapter", f"{name}={runs[name]}")]
     ram: dict[str, dict] = {}
-    results = load_rounds(args, adapter_args, server_cpus, client_cpus, ram)
+    results = load_rounds(args, runs, server_cpus, client_cpus, ram)
     ram.update(memory_points(runs, server_cpus))
-    ram = {k: ram[k] for k in ("1 LoRA", "2 LoRA", LORA_10, THREE, AFTER, "1 full model", FULL_3)}
+    ram = {k: ram[k] for k in ("1 LoRA", "2 LoRA", LORA_10, "1 IA3", IA3_10, THREE, AFTER, MERGED, "1 full model",
+                               FULL_3)}
     from deltatune.serve.registry import model_dir
 
     base = model_dir("minilm-l6")
-    disk = {"weights": {n: weights_bytes(r / ("model" if n == "full" else "adapter")) for n, r in runs.items()},
-            "dirs": {n: dir_bytes(r / ("model" if n == "full" else "adapter")) for n, r in runs.items()},
+    disk = {"weights": {n: weights_bytes(r / ("model" if n in FULLS else "adapter")) for n, r in runs.items()},
+            "dirs": {n: dir_bytes(r / ("model" if n in FULLS else "adapter")) for n, r in runs.items()},
             "base": weights_bytes(base), "base_dir": dir_bytes(base)}
     disk["adapter_dirs"] = {n: disk["dirs"][n] for n in ADAPTERS}
     return report(args, results, disk, ram, split)
@@ -457,9 +491,10 @@ def main() -> None:
                    "bench/.work/serve/serve-table-quick.md)")
     p.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)  # the client process
     p.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--names", default=",".join(ADAPTERS), help=argparse.SUPPRESS)  # the adapters clients ask for
     args = p.parse_args()
     if args.drive:
-        result = asyncio.run(drive(args.drive, list(ADAPTERS), args.clients, args.seconds, args.warmup,
+        result = asyncio.run(drive(args.drive, args.names.split(","), args.clients, args.seconds, args.warmup,
                                    args.server_pid))
         print("RESULT " + json.dumps(result), flush=True)
         return

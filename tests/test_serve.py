@@ -437,6 +437,8 @@ def test_every_family_shares_one_copy_of_the_base_weights(llama):
         memory = cards[name]["memory_mb"]
         assert cards[name]["shared_base"] and memory["shared"] >= base_mb - 0.002, (name, memory, base_mb)
     assert cards["ia3"]["memory_mb"]["own"] < 0.05 * base_mb  # its scaling vectors only
+    total = llama.http.get("/v1/models").json()["weights_mb"]  # all served weights, each tensor counted once
+    assert base_mb <= total < base_mb + sum(c["memory_mb"]["own"] for c in cards.values()) + 0.01
 
 
 def test_merged_models_and_hot_merged_adapters_are_served(llama, llama_runs, bert, bert_runs, root):

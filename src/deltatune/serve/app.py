@@ -163,7 +163,8 @@ def _status_routes(app: FastAPI, p: Parts) -> None:
         base = p.engine.base
         return {"object": "list", "data": p.engine.cards(),
                 "base": None if base is None else {"name": base.name, "revision": base.revision,
-                                                   "fingerprint": base.fingerprint}}
+                                                   "fingerprint": base.fingerprint},
+                "weights_mb": round(p.engine.weights_bytes() / 2**20, 3)}
 
 
 def _task_routes(app: FastAPI, p: Parts) -> None:

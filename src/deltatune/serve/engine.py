@@ -302,6 +302,12 @@ class Engine:
     def card(self, name: str) -> dict:
         return self.served[name].card(weights.memory({n: self._parameters(s) for n, s in self.served.items()})[name])
 
+    def weights_bytes(self) -> int:
+        """Bytes of every weight the served models hold, each storage counted once however many hold it."""
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                    for s in self.served.values() for p in s.unit.model.parameters()}
+        return sum(storages.values())
+
     @staticmethod
     def _parameters(served: Served) -> list[torch.nn.Parameter]:
         """The parameters answering for `served`: its model's, less other adapters' in a pooled model."""
