@@ -142,6 +142,12 @@ def test_methods_are_checked_and_aliases_resolve(config_file):
     dora = recipes.setting("dora", cfg, recipes.recipes("classification"))
     assert dora.method["name"] == "lora" and dora.method["variant"] == "dora"
     assert records.method_label({"method": dora.method}) == "dora"
+    with pytest.raises(ConfigError, match="--methods is required"):
+        compare([str(config_file)])
+    with pytest.raises(ConfigError, match="only section.key=value overrides; not: runs/x"):
+        compare([str(config_file), "runs/x"], methods="lora")
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        compare_methods(config_file, "lora", lrs=[1e-3, 5])
     own = recipes.setting("full", cfg, recipes.recipes("classification"))
     assert own.lr == 3e-3 and own.source == "as the config has them"
 

@@ -9,6 +9,7 @@ comparison left unfinished continues from its newest checkpoint (train.save_ever
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ def train(config_file: Path, log_file: Path, show: bool = True) -> tuple[int, st
     `show`). Returns (exit code, its output)."""
     cmd = [sys.executable, "-m", "deltatune", "train", str(config_file), "--resume", "auto"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines as they happen, not when a pipe buffer fills
+    # Into a pipe rich would wrap every line at 80 columns: use the terminal's width (log files: 120).
+    env.setdefault("COLUMNS", str(shutil.get_terminal_size((120, 24)).columns))
     log_file.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     with open(log_file, "w", encoding="utf-8") as log, subprocess.Popen(

@@ -46,6 +46,9 @@ def compare_methods(config: str | Path | RunConfig, methods: str | list[str], ov
     others go on. `lr_sweep` trains recipes.lr_grid (or `lrs`, for every method) and keeps each method's best.
     Returns compare.json's dict."""
     cfg = config if isinstance(config, RunConfig) else config_mod.load(config, overrides)
+    if lrs is not None and not all(0 < lr < 1 for lr in lrs):
+        raise ConfigError(f"--lrs {','.join(f'{lr:g}' for lr in lrs)}: every learning rate must be between 0 and 1 "
+                          f"(train.lr). Fix: e.g. --lrs 1e-4,3e-4,1e-3")
     names = recipes.parse_methods(methods) if isinstance(methods, str) else recipes.parse_methods(",".join(methods))
     out = Path(out or f"{cfg.output.dir}-compare").resolve()
     found = recipes.recipes(cfg.task, recipes_dir)
