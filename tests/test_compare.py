@@ -157,3 +157,20 @@ def test_failure_reason_is_the_childs_error():
     assert child.failure_reason(out, 2) == "invalid config: override `method.r=0`: must be >= 1"
     assert child.failure_reason("Traceback ...\n  File x\nValueError: boom\n", 1) == "ValueError: boom"
     assert child.failure_reason("", -9) == "no output (killed by signal 9)"
+
+
+def test_an_unfinished_run_is_trained_again(compared, config_file, tmp_path, capsys):
+    """A run killed before its summary (and without checkpoints) starts over; a finished one beside it is kept."""
+    import shutil
+
+    out, _ = compared
+    for name in ("full", "lora"):
+        shutil.copytree(out / name, tmp_path / name)
+    (tmp_path / "full" / "summary.json").unlink()
+    result = compare_methods(config_file, "full,lora", budget_steps=2, out=tmp_path, show_training=False,
+                             render=False)
+    assert [r["status"] for r in result["runs"]] == ["done", "done"]
+    said = capsys.readouterr().err
+    assert "full (lr 0.003): training in" in said and "lora (lr 0.0005): skipped, finished earlier" in said
+    log = (tmp_path / "logs" / "full.log").read_text(encoding="utf-8")
+    assert "starting over" in log and summary(tmp_path / "full")["steps"] == 2
