@@ -49,21 +49,22 @@ def compare_methods(config: str | Path | RunConfig, methods: str | list[str], ov
     if lrs is not None and not all(0 < lr < 1 for lr in lrs):
         raise ConfigError(f"--lrs {','.join(f'{lr:g}' for lr in lrs)}: every learning rate must be between 0 and 1 "
                           f"(train.lr). Fix: e.g. --lrs 1e-4,3e-4,1e-3")
-    names = recipes.parse_methods(methods) if isinstance(methods, str) else recipes.parse_methods(",".join(methods))
+    names = recipes.parse_methods(methods if isinstance(methods, str) else ",".join(methods))
+    sweep = lr_sweep or bool(lrs)
     out = Path(out or f"{cfg.output.dir}-compare").resolve()
     found = recipes.recipes(cfg.task, recipes_dir)
-    plans = {name: _plan(name, cfg, found, lr_sweep or bool(lrs), lrs, budget_steps, out) for name in names}
+    plans = {name: _plan(name, cfg, found, sweep, lrs, budget_steps, out) for name in names}
     _refuse_conflicts([job for jobs in plans.values() if not isinstance(jobs, str) for job in jobs])
     result = {"task": cfg.task, "metric": cfg.metric, "higher_is_better": HIGHER_IS_BETTER[cfg.metric],
               "budget_steps": budget_steps, "runs": [], "config": None if isinstance(config, RunConfig) else
-              str(config), "out_dir": str(out), "lr_sweep": lr_sweep or bool(lrs)}
+              str(config), "out_dir": str(out), "lr_sweep": sweep}
     try:
         for name, jobs in plans.items():
             if isinstance(jobs, str):  # the method's settings could not even be read
                 result["runs"].append(records.failed(name, None, out / name, jobs))
                 continue
             rows = [_train(job, cfg.metric, show_training) for job in jobs]
-            result["runs"].append(records.with_grid(rows, cfg.metric, name) if result["lr_sweep"] else rows[0])
+            result["runs"].append(records.with_grid(rows, cfg.metric, name) if sweep else rows[0])
             _write_json(result, out)
     except KeyboardInterrupt:
         console.print(f"compare: stopped. Run the same command again to go on: the finished runs in {out} are "
