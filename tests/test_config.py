@@ -130,3 +130,28 @@ def test_duplicate_keys_are_errors_naming_both_lines(tmp_path, text, first, seco
         config.load(p)
     msg = str(e.value)
     assert f"`{key}`" in msg and f"{p}:{first}" in msg and f"{p}:{second}" in msg and "Fix:" in msg, msg
+
+
+def test_lr_auto_is_each_methods_measured_default_and_an_explicit_lr_wins():
+    """Switching method.name alone must not keep another method's learning rate (issue 15: LoRA at full
+    fine-tuning's 1e-4 lands points behind): train.lr=auto, the default, takes the method's own."""
+    from deltatune.methods import REGISTRY
+
+    for name, method in REGISTRY.items():
+        cfg = config.load(None, ["data.train=x", f"method.name={name}"])
+        assert (cfg.train.lr, cfg.train.lr_auto) == (method.default_lr, True), name
+    assert config.load(None, ["data.train=x", "method.name=lora"]).train.lr == 5e-4
+    assert config.load(None, ["data.train=x", "method.name=ia3"]).train.lr != \
+        config.load(None, ["data.train=x", "method.name=full"]).train.lr
+    explicit = config.load(None, ["data.train=x", "method.name=lora", "train.lr=2e-4"])
+    assert (explicit.train.lr, explicit.train.lr_auto) == (2e-4, False)
+    assert "lr: 0.0005" in config.load(None, ["data.train=x", "method.name=lora"]).to_yaml()  # the run's value
+    with pytest.raises(ConfigError, match="or auto"):
+        config.load(None, ["data.train=x", "train.lr=0"])
+
+
+def test_method_recipes_pin_no_learning_rate():
+    """configs/ recipes use the method defaults (one home for them), except where a model needs its own."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    pinned = {p.name for p in root.glob("*.yaml") if not config.load(p, ["data.train=x"]).train.lr_auto}
+    assert pinned == {"smollm2-sentiment-full.yaml"}

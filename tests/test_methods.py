@@ -287,3 +287,12 @@ def test_methods_listing_shows_real_defaults_only():
     assert "patterns" not in shown["freeze"] and "train_layers" not in shown["freeze"]  # empty / unset
     assert "r=8" in shown["lora"] and "target_modules='auto'" in shown["lora"]
     assert shown["full"] == "-"
+
+
+def test_lr_auto_is_printed_at_start_and_recorded(make_config, capsys):
+    summary = api.train(make_config(**{"method.name": "lora", "train.lr": "auto", "train.max_steps": 2,
+                                       "data.validation": None}))
+    assert (summary["lr"], summary["lr_auto"]) == (5e-4, True)
+    assert "lr 0.0005 (train.lr=auto: lora's measured default" in " ".join(capsys.readouterr().err.split())
+    summary = api.train(make_config(**{"method.name": "lora", "train.max_steps": 2, "data.validation": None}))
+    assert (summary["lr"], summary["lr_auto"]) == (3e-3, False)  # make_config names train.lr: it wins

@@ -150,7 +150,7 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
                               f"method, such as lora or ln_tuning.")
         if dist.is_main:
             console.print(f"[bold]{cfg.method.name}[/]: {trainable:,} of {total:,} parameters train "
-                          f"({100 * trainable / total:.3f}%)", highlight=False)
+                          f"({100 * trainable / total:.3f}%); {lr_line(cfg)}", highlight=False)
         setup_s = time.perf_counter() - t0
         lr_scale = methods.REGISTRY[cfg.method.name].lr_scale
         resume_step = None if resume_from is None else checkpoints.step_of(resume_from)
@@ -170,6 +170,7 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
                        "base": identity.identity(cfg.model.name, cfg.model.revision),
                        "labels": bundle.labels, "data": bundle.stats, "setup_seconds": round(setup_s, 2),
                        "trainable_percent": round(100 * trainable / total, 4), "artifact": saved.name,
+                       "lr": cfg.train.lr, "lr_auto": cfg.train.lr_auto,
                        "artifact_mb": round(_weights_mb(saved), 3), **result}
             if dist.is_main:
                 (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
@@ -178,6 +179,14 @@ def _train(cfg: RunConfig, resume: str | None, run_dir: Path, lock: runlock.Lock
         return summary
     finally:
         distributed.teardown(dist, ok=sys.exc_info()[1] is None)  # no barrier while an exception propagates
+
+
+def lr_line(cfg: RunConfig) -> str:
+    """The learning rate a run trains with, and where it came from (printed at start)."""
+    if cfg.train.lr_auto:
+        return (f"lr {cfg.train.lr:g} (train.lr=auto: {cfg.method.name}'s measured default, docs/methods.md"
+                f"#learning-rates; set train.lr to choose)")
+    return f"lr {cfg.train.lr:g} (train.lr)"
 
 
 # What a run directory holds; output.overwrite replaces only a directory with some of these in it.

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from deltatune.errors import ConfigError, did_you_mean
 from deltatune.methods import REGISTRY, MethodConfig
@@ -67,10 +67,25 @@ class TrainSection(Section):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(32, ge=1, description="micro-batch per process; step = batch x grad_accum x procs")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(5e-5, gt=0, lt=1)
+    lr: float | Literal["auto"] = Field(
+        "auto", description="learning rate; auto: the method's own default, chosen from measured runs "
+        "(docs/methods.md#learning-rates). Once loaded it is a number (`lr_auto` says it came from auto)")
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.06, ge=0, description="fraction of steps (<1) or a number of steps (>=1)")
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    _lr_auto: bool = PrivateAttr(False)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_range(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0.0 < v < 1.0:
+            raise ValueError("must be between 0 and 1 (e.g. 1e-4), or auto (the method's measured default)")
+        return v
+
+    @property
+    def lr_auto(self) -> bool:
+        """Whether `lr` is the method's default because the config said `auto` (or nothing)."""
+        return self._lr_auto
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 42
@@ -171,6 +186,15 @@ class RunConfig(Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _resolve_lr(self) -> RunConfig:
+        """train.lr=auto becomes the method's default here, once, so everything downstream sees a number and the
+        run directory's config.yaml records the value that trained (re-running it trains the same)."""
+        if self.train.lr == "auto":
+            self.train.lr = REGISTRY[self.method.name].default_lr
+            self.train._lr_auto = True
+        return self
 
     @property
     def metric(self) -> str:
