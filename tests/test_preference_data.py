@@ -14,7 +14,7 @@ from deltatune.constants import IGNORE_INDEX
 from deltatune.data import preference, validate
 from deltatune.data.preference import PairError, to_pair
 from deltatune.errors import DataError
-from tests.conftest import data_section, write_jsonl
+from tests.conftest import CHAT_TEMPLATE, data_section, write_jsonl
 
 USER = "the film was good"
 
@@ -52,6 +52,15 @@ def test_chat_rows_label_only_the_final_answer_not_earlier_assistant_turns(chat_
     assert answer_text(chat_tok, e.rejected_ids, e.rejected_labels) == f"positive {chat_tok.eos_token}"
     rendered = chat_tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     assert chat_tok.decode(e.prompt_ids) == chat_tok.decode(chat_tok(rendered, add_special_tokens=False)["input_ids"])
+
+
+def test_each_sequence_ends_at_its_answers_eos_not_at_markup_after_it(chat_tok):
+    tok = AutoTokenizer.from_pretrained(chat_tok.name_or_path)
+    tok.chat_template = CHAT_TEMPLATE.replace("[SEP]{% endfor %}", "[SEP] and{% endfor %}")  # text after each turn
+    e = preference.encode_pair(tok, to_pair({"prompt": USER, "chosen": "positive", "rejected": "negative"}), "chat",
+                               max_length=256)
+    assert e.chosen_ids[-1] == e.rejected_ids[-1] == tok.eos_token_id and e.chosen_labels[-1] == tok.eos_token_id
+    assert len(e.chosen_ids) == len(e.chosen_labels)
 
 
 def test_whole_conversations_split_at_the_turns_they_share():
