@@ -79,6 +79,20 @@ def test_whole_conversations_split_at_the_turns_they_share():
     assert e.value.kind == "not a preference pair"
 
 
+def test_whole_conversations_read_from_a_file_tokenize_as_the_explicit_rows_do(chat_tok, tmp_path):
+    system, user = {"role": "system", "content": "a critic"}, {"role": "user", "content": USER}
+    explicit = [{"prompt": [system, user], "chosen": "positive", "rejected": "negative"}]
+    whole = [{"prompt": USER, "chosen": [system, user, {"role": "assistant", "content": "positive"}],
+              "rejected": [system, user, {"role": "assistant", "content": "negative"}]}]
+    out = []
+    for name, rows in (("explicit", explicit), ("whole", whole)):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        section = data_section(train=path, validation="null")
+        ds, report = validate.read(str(path), section, "train", lm=True)
+        out.append(preference.tokenize(preference.check(ds, section, report), chat_tok, "chat", 128, str(path))[0])
+    assert out[0][:] == out[1][:] and "critic" in chat_tok.decode(out[1][0]["prompt_ids"])
+
+
 def test_plain_text_pairs_without_a_prompt_and_missing_columns_are_refused_for_the_file():
     implicit = datasets.Dataset.from_list([{"chosen": "The sky is blue.", "rejected": "The sky is green."}])
     with pytest.raises(DataError, match=r"f.jsonl: no `prompt` column.*Fix: add a `prompt` column"):
