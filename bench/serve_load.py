@@ -73,7 +73,7 @@ HOT_MODES = {HOT: [], HOT_MERGED: ["--merge", "lora-a"]}  # lora-a alone, every 
 # into the pooled model; other models share every equal tensor, so IA3 x10 costs its per-model bookkeeping.
 THREE, AFTER = "the 3 adapters (2 LoRA + IA3)", "the 3 adapters, after the load test"
 LORA_10, IA3_10 = "10 LoRA (lora-a under 10 names)", "10 IA3 (ia3 under 10 names: its vectors shared too)"
-FULL_3, MERGED = "3 full models (3 different full fine-tunes)", "lora-a served merged (--merge)"
+FULL_3, MERGED = "3 full models (3 different full fine-tunes)", "lora-a, and lora-a merged as lora-a-hot (--merge)"
 TEXTS = ["a warm, funny film", "dull and far too long", "the actors were superb", "I want my two hours back",
          "a quiet, moving story", "the plot makes no sense", "beautifully shot and well acted", "boring",
          "one of the best films this year", "the dialogue was painful", "charming from start to finish",
@@ -338,10 +338,11 @@ def storage_tables(disk: dict, ram: dict[str, dict]) -> list[str]:
     held = {k: m["weights"] for k, m in ram.items()}
     lines += ["", f"The load test's 3 adapters hold {held[THREE] - held['1 LoRA']:,.1f} MiB of weights more than 1 "
               f"LoRA (IA3 shares the base), yet their RSS is {rss[THREE] - rss['1 LoRA']:,.0f} MiB more: a model "
-              "that is not pooled is loaded whole before its equal tensors are shared, and the allocator keeps part "
-              "of the freed copy (peak RSS shows the moment both copies lived). lora-a served merged holds "
-              f"{held[MERGED] - held['1 LoRA']:+,.1f} MiB of weights against lora-a unmerged: its own copy of the "
-              "weights the merge changed."]
+              "that is not pooled is loaded whole before its equal tensors are shared, so both copies live for a "
+              f"moment (peak RSS {ram[THREE]['VmHWM']:,.0f} MiB), and not all of the freed copy goes back to the "
+              f"system. Serving lora-a merged next to lora-a holds {held[MERGED] - held['1 LoRA']:+,.1f} MiB of "
+              "weights more than lora-a alone: the merged model's own copy of the weights the merge changed (the "
+              "adapted projections); embeddings, norms and the rest stay shared."]
     return lines
 
 
@@ -394,12 +395,12 @@ def memory_points(runs: dict[str, Path], cpus: set[int] | None) -> dict[str, dic
 
     points = {"1 LoRA": {"lora-a": runs["lora-a"]}, "2 LoRA": {n: runs[n] for n in ("lora-a", "lora-b")},
               LORA_10: named("lora", runs["lora-a"], 10), "1 IA3": {"ia3": runs["ia3"]},
-              IA3_10: named("ia3", runs["ia3"], 10), MERGED: {"lora-a": runs["lora-a"]},
+              IA3_10: named("ia3", runs["ia3"], 10), MERGED: {"lora-a": runs["lora-a"], "lora-a-hot": runs["lora-a"]},
               "1 full model": {"full-1": runs["full-1"]}, FULL_3: {n: runs[n] for n in FULLS}}
     out = {}
     for label, served in points.items():
         args = [a for name, run in served.items() for a in ("--adapter", f"{name}={run}")]
-        args += ["--merge", "lora-a"] if label == MERGED else []
+        args += ["--merge", "lora-a-hot"] if label == MERGED else []
         server = Server("server-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"), args, cpus)
         try:
             server.wait_ready()
