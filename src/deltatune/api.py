@@ -435,16 +435,21 @@ def generate(source: str | Path | Generator, prompts: list[str], max_new_tokens:
              "stopped_at_eos": stopped, "template": chosen} for p, (new, stopped) in zip(prompts, out)]
 
 
-def inspect_data(cfg: RunConfig, rows: int = 3, split: str = "train") -> list[list[tuple[str, bool]]]:
-    """The first few training examples as the model sees them: (token, carries loss) pairs."""
-    from deltatune.data import sft
-
+def _first_rows(cfg: RunConfig, rows: int, split: str):
+    """The tokenizer and the first `rows` tokenized rows of a split, as training builds them."""
     tokenizer = models.load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
     bundle = data_mod.build(cfg.data, tokenizer, task=cfg.task)
     part = bundle.train if split == "train" else bundle.validation
     if part is None:
         raise ConfigError("inspect-data: this config has no validation split")
-    ds = part.dataset.select(range(min(rows, len(part.dataset))))
+    return tokenizer, part.dataset.select(range(min(rows, len(part.dataset))))
+
+
+def inspect_data(cfg: RunConfig, rows: int = 3, split: str = "train") -> list[list[tuple[str, bool]]]:
+    """The first few training examples as the model sees them: (token, carries loss) pairs."""
+    from deltatune.data import sft
+
+    tokenizer, ds = _first_rows(cfg, rows, split)
     out = []
     for r in range(len(ds)):
         ids = ds[r]["input_ids"]
@@ -456,3 +461,12 @@ def inspect_data(cfg: RunConfig, rows: int = 3, split: str = "train") -> list[li
             labels = [IGNORE_INDEX] + ids[1:]  # plain causal LM: every token after the first is a target
         out.append(sft.show(tokenizer, ids, labels))
     return out
+
+
+def inspect_pairs(cfg: RunConfig, rows: int = 3, split: str = "train") -> list:
+    """The first few preference pairs as the model sees them (data.preference.PairView: the prompt once, then
+    each answer's (token, carries loss) pairs)."""
+    from deltatune.data import preference
+
+    tokenizer, ds = _first_rows(cfg, rows, split)
+    return [preference.show_pair(tokenizer, ds[r]) for r in range(len(ds))]

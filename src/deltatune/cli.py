@@ -358,11 +358,31 @@ def inspect_data(
     from deltatune import api
 
     cfg = _load_config(config, overrides)
+    if cfg.task == "preference":
+        _show_pairs(api.inspect_pairs(cfg, rows, split), split)
+        return
     for i, tokens in enumerate(api.inspect_data(cfg, rows, split)):
-        shown = "".join(f"[black on green]{escape(t)}[/]" if loss else escape(t) for t, loss in tokens)
+        shown = _marked(tokens)
         n = sum(loss for _, loss in tokens)
         out.print(f"[bold]{split} example {i}[/] ({len(tokens)} tokens, {n} carry loss)", highlight=False)
         out.print(shown, highlight=False, soft_wrap=True)
+        out.print()
+    out.print("[black on green]highlighted[/] tokens carry loss; the rest are context only.")
+
+
+def _marked(tokens: list[tuple[str, bool]]) -> str:
+    return "".join(f"[black on green]{escape(t)}[/]" if loss else escape(t) for t, loss in tokens)
+
+
+def _show_pairs(views: list, split: str) -> None:
+    for i, view in enumerate(views):
+        out.print(f"[bold]{split} pair {i}[/]: prompt ({len(view.prompt)} tokens, no loss)", highlight=False)
+        out.print("".join(escape(t) for t, _ in view.prompt), highlight=False, soft_wrap=True)
+        for side in ("chosen", "rejected"):
+            tokens = getattr(view, side)
+            out.print(f"[bold]{side}[/] ({len(tokens)} tokens, {sum(loss for _, loss in tokens)} carry loss)",
+                      highlight=False)
+            out.print(_marked(tokens), highlight=False, soft_wrap=True)
         out.print()
     out.print("[black on green]highlighted[/] tokens carry loss; the rest are context only.")
 

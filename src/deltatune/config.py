@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from deltatune.errors import ConfigError, did_you_mean
 from deltatune.methods import REGISTRY, MethodConfig
@@ -116,9 +125,10 @@ class TrainSection(Section):
 class EvalSection(Section):
     every: Literal["epoch"] | int = Field("epoch", description="`epoch` or a number of optimizer steps")
     metric: Literal["auto", "accuracy", "f1", "precision", "recall", "loss", "perplexity", "exact_match",
-                    "label_accuracy"] = Field(
-        "auto", description="picks the best checkpoint; auto = accuracy (classification) or loss (causal_lm, sft); "
-        "exact_match / label_accuracy generate answers (sft)")
+                    "label_accuracy", "reward_accuracy", "reward_margin"] = Field(
+        "auto", description="picks the best checkpoint; auto = accuracy (classification) or loss (causal_lm, sft, "
+        "preference); exact_match / label_accuracy generate answers (sft); reward_accuracy / reward_margin "
+        "(preference)")
     patience: int | None = Field(None, ge=1, description="stop after this many evals without improvement")
     batch_size: int = Field(64, ge=1)
     at_start: bool = Field(False, description="also evaluate before the first step (the base model's score, "
@@ -178,14 +188,48 @@ def is_lm(task: str) -> bool:
     return task != "classification"
 
 
+class PreferenceSection(Section):
+    """task: preference. Hyper-parameters left unset take the loss's own default (preference/losses.py); one the
+    chosen loss does not have is an error."""
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = Field("dpo", description="dpo | ipo | simpo | orpo")
+    beta: float | None = Field(None, gt=0, description="dpo/ipo/simpo: strength (dpo 0.1, ipo 0.1, simpo 2.0)")
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="dpo: conservative DPO's label noise")
+    gamma: float | None = Field(None, ge=0, description="simpo: the target reward margin (default 1.0)")
+    lambda_: float | None = Field(None, ge=0, alias="lambda", description="orpo: weight of the odds-ratio term "
+                                  "(default 0.1)")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              populate_by_name=True, serialize_by_alias=True)
+
+    def hyper(self) -> dict[str, float]:
+        """The loss's keyword arguments: what the config set, over the loss's defaults."""
+        from deltatune.preference.losses import LOSSES
+
+        return {**LOSSES[self.loss].params, **{k: v for k, v in self.model_dump(by_alias=False).items()
+                                                 if k in LOSSES[self.loss].params and v is not None}}
+
+    @model_validator(mode="after")
+    def _keys_of_the_loss(self) -> PreferenceSection:
+        from deltatune.preference.losses import LOSSES
+
+        takes = LOSSES[self.loss].params
+        extra = [("lambda" if k == "lambda_" else k) for k, v in self.model_dump(by_alias=False).items()
+                 if k != "loss" and v is not None and k not in takes]
+        if extra:
+            raise ValueError(f"preference.loss={self.loss} takes {', '.join(k.rstrip('_') for k in takes)}; "
+                             f"{', '.join(extra)}: not a {self.loss} setting (remove it, or choose the loss it "
+                             f"belongs to)")
+        return self
+
+
 class RunConfig(Section):
-    task: Literal["classification", "causal_lm", "sft"] = "classification"
+    task: Literal["classification", "causal_lm", "sft", "preference"] = "classification"
     model: ModelSection = ModelSection()
     method: MethodConfig = Field(default_factory=lambda: REGISTRY["full"].Config())
     data: DataSection
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     output: OutputSection = OutputSection()
+    preference: PreferenceSection = PreferenceSection()
 
     @model_validator(mode="after")
     def _resolve_lr(self) -> RunConfig:

@@ -141,6 +141,10 @@ def _packing(cfg) -> None:
         raise ConfigError("data.packing=true does not apply to task classification: each text gets its own label "
                           "from its own sequence. Fix: remove data.packing (dynamic padding and length grouping "
                           "already keep padding low), or use task causal_lm / sft.")
+    if cfg.task == "preference":
+        raise ConfigError("data.packing=true does not apply to task preference: each pair is scored as two whole "
+                          "sequences (prompt + chosen, prompt + rejected) whose log-probabilities are compared. "
+                          "Fix: set data.packing=false (length grouping keeps padding low).")
     if cfg.method.name in SOFT_PROMPTS:
         raise ConfigError(f"data.packing=true cannot be combined with method.name={cfg.method.name}: soft prompts "
                           f"are added once per sequence, so packed examples would share one prompt and the "

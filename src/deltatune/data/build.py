@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from deltatune.config import DataSection, is_lm
 from deltatune.constants import IGNORE_INDEX
-from deltatune.data import packing, sft, sources, validate
+from deltatune.data import packing, preference, sft, sources, validate
 from deltatune.data.columns import column, rows_of
 from deltatune.data.validate import label_of  # by name: `map` hashes what `encode` uses, and the module holds a Console
 from deltatune.errors import DataError
@@ -87,6 +87,12 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
         train_raw = validate.check_sft(train_raw, section, reports[0], fmt)
         if val_raw is not None:
             val_raw = validate.check_sft(val_raw, section, reports[1], fmt)
+    if task == "preference":
+        template = sft.resolve_template(section.template, tokenizer)
+        stats.update(template=template)
+        train_raw, val_raw = (None if raw is None else _checked_pairs(raw, where, section, report)
+                              for raw, where, report in zip((train_raw, val_raw), (train_where, val_where),
+                                                            (*reports, None)))
     if section.sample and section.sample < len(train_raw):
         stats["sampled_from"] = len(train_raw)
         reports[0].not_sampled = len(train_raw) - section.sample
@@ -98,6 +104,9 @@ def build(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels: list
         for report, split in zip(reports, (train, val)):
             if split is not None:
                 report.no_target = split.rows - len(split.dataset)
+    elif task == "preference":
+        train, val = _tokenized_pairs(section, tokenizer, template, (train_raw, val_raw), (train_where, val_where),
+                                      reports, stats)
     else:
         train = tokenize_split("train", train_raw, section, tokenizer, labels, train_where, not lm)
         val = tokenize_split("validation", val_raw, section, tokenizer, labels, val_where, not lm) if val_raw else None
@@ -118,9 +127,9 @@ def build_eval(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels:
                file: str) -> tuple[Split, int]:
     """One file to score a saved run on, read, checked (data.on_error as the run had it) and tokenized as in
     training, each row validated once. Returns the split and the number of rows skipped."""
-    if task == "sft":  # instruction rows: the same reading, checks and rendering as a training file
+    if task in ("sft", "preference"):  # the same reading, checks and rendering as a training file
         one = section.model_copy(update={"train": file, "validation": None, "sample": None, "packing": False})
-        bundle = build(one, tokenizer, task="sft")
+        bundle = build(one, tokenizer, task=task)
         return bundle.train, bundle.stats["train"]["rows_skipped"]
     reports: list[validate.SplitReport] = []
     raw, _ = _read(section, file, task, "eval", reports, where=file)
@@ -180,13 +189,37 @@ def _read(section: DataSection, spec: str, task: str = "classification", name: s
     lm = is_lm(task)
     ds, report = validate.read(spec, section, name, lm)  # bad lines raised or skipped, each row keeps its line
     where = where or report.where
-    if task != "sft":  # sft columns are checked by format (instruction/output or messages), in tokenize_sft
+    if task not in ("sft", "preference"):  # their columns are checked by format (sft) or as pairs (preference)
         sources.require_columns(ds, {"data.text": section.text, "data.text_pair": section.text_pair,
                                      "data.label": None if lm else section.label}, where)
         ds = validate.check(ds, section, report, lm)
     if reports is not None:
         reports.append(report)
     return ds, where
+
+
+def _checked_pairs(raw: datasets.Dataset, where: str, section: DataSection, report: validate.SplitReport
+                   ) -> datasets.Dataset:
+    preference.require_columns(raw, where)
+    return preference.check(raw, section, report)
+
+
+def _tokenized_pairs(section: DataSection, tokenizer: PreTrainedTokenizerBase, template: str, raws: tuple,
+                     wheres: tuple, reports: list[validate.SplitReport], stats: dict) -> tuple[Split, Split | None]:
+    """Preference rows -> one row per pair (chosen and rejected sequences, answer-only labels), per split; what
+    truncation did goes into `stats` and the split reports."""
+    splits, by_side = [], {}
+    for name, raw, where, report in zip(("train", "validation"), raws, wheres, (*reports, None)):
+        if raw is None:
+            splits.append(None)
+            continue
+        key = map_fingerprint(raw, tokenizer, "preference", template, section.max_length)
+        kept, counts = preference.tokenize(raw, tokenizer, template, section.max_length, where, key, report.unit)
+        report.no_target = counts.no_target
+        by_side[report.name] = {"chosen": counts.truncated_chosen, "rejected": counts.truncated_rejected}
+        splits.append(Split(name=name, dataset=kept, rows=counts.rows, truncated=counts.truncated_pairs, where=where))
+    stats["truncated_by_side"] = by_side
+    return splits[0], splits[1]
 
 
 def tokenize_sft(name: str, ds: datasets.Dataset, section: DataSection, tokenizer: PreTrainedTokenizerBase,
@@ -300,7 +333,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 @functools.cache
 def _data_code() -> str:
     """The source of the modules whose code the tokenizing functions run."""
-    return Hasher.hash([Path(m.__file__).read_bytes() for m in (validate, sft)] +
+    return Hasher.hash([Path(m.__file__).read_bytes() for m in (validate, sft, preference)] +
                        [Path(__file__).read_bytes()])
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False,
-                    "perplexity": False, "exact_match": True, "label_accuracy": True}
+                    "perplexity": False, "exact_match": True, "label_accuracy": True,
+                    "reward_accuracy": True, "reward_margin": True}
 TASK_METRICS = {"classification": ("accuracy", "f1", "precision", "recall", "loss"),
                 "causal_lm": ("loss", "perplexity"),
-                "sft": ("loss", "perplexity", "exact_match", "label_accuracy")}
+                "sft": ("loss", "perplexity", "exact_match", "label_accuracy"),
+                "preference": ("loss", "reward_accuracy", "reward_margin")}
 GENERATION_METRICS = ("exact_match", "label_accuracy")
 
 

@@ -32,7 +32,7 @@ class Method:
     mergeable: bool | None  # None: nothing to merge (the result already is a plain model)
     why_not_mergeable: str = ""
     description: str = ""
-    tasks: tuple[str, ...] = ("classification", "causal_lm", "sft")
+    tasks: tuple[str, ...] = ("classification", "causal_lm", "sft", "preference")
     why_not_task: str = ""
     lr_scale: Any = None  # (cfg, parameter name) -> learning-rate multiplier, e.g. LoRA+
     load_kwargs: Any = None  # (cfg, compute dtype, device) -> extra from_pretrained arguments, e.g. 4-bit
