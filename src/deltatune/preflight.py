@@ -26,7 +26,6 @@ def run(cfg, resuming: bool = False) -> None:
     _qlora(cfg)
     _evaluation(cfg)
     _packing(cfg)
-    _preference(cfg)
     _remote_code(cfg)
     _distributed(cfg)
     _optimizer(cfg, precision.default_device().type)
@@ -150,14 +149,6 @@ def _packing(cfg) -> None:
         raise ConfigError(f"data.packing=true cannot be combined with method.name={cfg.method.name}: soft prompts "
                           f"are added once per sequence, so packed examples would share one prompt and the "
                           f"position ids would no longer line up. Fix: set data.packing=false, or use lora.")
-
-
-def _preference(cfg) -> None:
-    # The data (data/preference.py), the losses (preference/losses.py) and the config exist; the training loop
-    # does not run pairs yet. Refused here so no run half-starts and fails inside the loop.
-    if cfg.task == "preference":
-        raise ConfigError("task=preference: pairs can be checked (deltatune inspect-data) but not trained yet: "
-                          "the training loop for preference losses is being built (issue 16).")
 
 
 def _qlora(cfg) -> None:

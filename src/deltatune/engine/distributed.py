@@ -27,6 +27,15 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item())
 
+    def all_sums(self, values: dict[str, float]) -> dict[str, float]:
+        """`all_sum` of every value, in one collective; every rank must pass the same keys."""
+        if self.world == 1 or not values:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(keys, t.tolist(), strict=True))
+
     @property
     def backend(self) -> str | None:
         return dist.get_backend() if dist.is_initialized() else None

@@ -49,6 +49,7 @@ from deltatune.engine import (
     optim,
     precision,
 )
+from deltatune.engine import preference as preference_objective
 from deltatune.engine.distributed import Dist
 from deltatune.engine.killpoints import kill_point
 from deltatune.engine.report import RunLog, console
@@ -149,6 +150,7 @@ class Run:
     frozen: frozen.FrozenDtype
     baseline: memory.Baseline  # memory with the model loaded: what training adds is measured from it
     compile_clock: compiling.CompileClock
+    objective: TokenObjective | preference_objective.PreferenceObjective  # what the task computes per step
     wall_start: float = field(default_factory=time.perf_counter)
     row_grad: embedding_grad.RowGradBuffer | None = None  # set inside `train`'s context
 
@@ -174,6 +176,8 @@ def train(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                   f"examples; optimizer {run.cfg.train.optimizer}; heap kept mapped: {run.heap_tuned}; embedding "
                   f"gradient row-buffered: {run.row_grad is not None}; last layer first token only: {pruned} "
                   f"({pruned_why}); {run.frozen.describe()}")
+        with preserved_rng():  # a fresh run's reference pass must not move the streams a resumed run restores
+            run.objective.prepare(run, log, resumed=resume is not None)
         if resume is None:
             before_training(run, state, log)
         for global_ids in global_batches(run, state):
@@ -216,6 +220,8 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
                                             lambda opt: optim.build_scheduler(opt, tc, total_steps))
     scaler = None if spread.owns_loss_scaling else prec.scaler()
     lm = cfg.lm
+    objective = (preference_objective.PreferenceObjective(cfg, model, base_only, LM_LOGITS_BUDGET)
+                 if cfg.task == "preference" else TokenObjective())
     wall_start = time.perf_counter()
     state = TrainState(steps_per_epoch)
     # Non-finite steps are skipped and counted; resumable checkpoints every train.save_every steps.
@@ -231,14 +237,16 @@ def setup(model: torch.nn.Module, tokenizer, data: DataBundle, cfg: RunConfig, r
         optimizer=optimizer, scheduler=scheduler, scaler=scaler,
         lengths=column(train_set, "length"), global_batch=global_batch, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, eval_every=steps_per_epoch if cfg.eval.every == "epoch" else int(cfg.eval.every),
-        lm=lm, keep_logits=lm and accepts_logits_mask(model), guard=guard, saver=saver,
+        # Preference losses score whole [rows, positions, vocab] logits (sequence_logps), not kept targets.
+        lm=lm, keep_logits=lm and isinstance(objective, TokenObjective) and accepts_logits_mask(model),
+        guard=guard, saver=saver,
         gen_eval=generation_inputs(data.validation, cfg, tokenizer) if data.validation is not None else None,
         probe=forgetting.probe_split(tokenizer, cfg.eval.forgetting_rows, forgetting.probe_length(model))
         if lm and cfg.eval.forgetting else None,
         heap_tuned=heap_tuned, trainable=trainable, total=total, frozen=frozen_base,
         baseline=baseline, compile_clock=compiling.CompileClock(
             tc.compile, str(compiling.cache_dir(tc)) if tc.compile else None, cfg.data.max_length),
-        wall_start=wall_start)
+        objective=objective, wall_start=wall_start)
     return run, state
 
 
@@ -262,21 +270,21 @@ def train_step(run: Run, state: TrainState, global_ids: np.ndarray, log: RunLog)
     i = 0
     try:
         micro = micro_batches(run, global_ids)
-        # Examples (classification) or target tokens (language modelling) in the global batch.
-        n_items = dist.all_sum(sum(count_targets(m["labels"], run.lm) for m in micro if m["real"]))
+        # Examples (classification), target tokens (language modelling) or pairs (preference) in the global batch.
+        n_items = dist.all_sum(sum(run.objective.count(run, m) for m in micro if m["real"]))
         step_loss = torch.zeros((), dtype=torch.float32)
+        step_sums: dict[str, float] = {}  # what a logging window adds up beyond the loss (preference metrics)
         for i, batch in enumerate(micro):
             real = batch.pop("real")
             batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
             with spread.accumulating(run.net, last=i == len(micro) - 1):
-                with run.prec.autocast():
-                    logits = run.net(**model_inputs(batch, run.lm, run.keep_logits)).logits
-                loss_sum = task_loss(logits, batch["labels"], run.lm, run.keep_logits)
+                loss_sum, sums = run.objective.loss(run, batch)
                 if not real:  # a stand-in that keeps this rank in step with the others; it adds nothing
-                    loss_sum = loss_sum * 0.0
+                    loss_sum, sums = loss_sum * 0.0, dict.fromkeys(sums, 0.0)
                 # x world: DDP (and FSDP, ZeRO) average gradients over ranks, we want the global-batch mean.
                 spread.backward(loss_sum * (dist.world / n_items), scaler)
             step_loss += loss_sum.detach().float().cpu()
+            step_sums = {k: step_sums.get(k, 0.0) + v for k, v in sums.items()}
             tokens = int(batch["attention_mask"].sum()) if real else 0
             state.tokens += tokens
             state.window.tokens += tokens
@@ -289,6 +297,7 @@ def train_step(run: Run, state: TrainState, global_ids: np.ndarray, log: RunLog)
     grad_norm = spread.clip(run.optimizer, tc.max_grad_norm, fold=scaler is None, rows=run.row_grad)
     # Every rank decides alike: the loss of the whole global batch, the norm of all gradients.
     step_loss = torch.tensor(dist.all_sum(float(step_loss)))
+    step_sums = dist.all_sums(step_sums)
     # An fp16 overflow is loss scaling at work (torch's GradScaler, or DeepSpeed's own), not a fault.
     scaled = scaler is not None or (spread.owns_loss_scaling and run.prec.name == "fp16")
     skipped = run.guard.skip(state.step + 1, step_loss, grad_norm, scaled,
@@ -298,7 +307,7 @@ def train_step(run: Run, state: TrainState, global_ids: np.ndarray, log: RunLog)
     state.compute_s += time.perf_counter() - t0
     run.compile_clock.stop(compiled)  # a step in which dynamo compiled counts as compile time
     if not skipped:
-        state.window.add(float(step_loss), float(grad_norm), n_items)
+        state.window.add(float(step_loss), float(grad_norm), n_items, step_sums)
 
 
 def micro_batches(run: Run, global_ids: np.ndarray) -> list[dict]:
@@ -312,7 +321,7 @@ def micro_batches(run: Run, global_ids: np.ndarray) -> list[dict]:
     out = []
     for ids in parts:
         rows = ids if len(ids) else [int(global_ids[0])]
-        batch = collate(run.data.train.dataset[rows], run.tokenizer.pad_token_id, lm=run.lm)
+        batch = run.objective.collate(run, rows)
         if tc.compile:  # static-shape graphs: one per length bucket, not one per length
             batch = compiling.pad_to_bucket(batch, run.tokenizer.pad_token_id, run.cfg.data.max_length)
         batch["real"] = bool(len(ids))
@@ -328,7 +337,7 @@ def log_window(run: Run, state: TrainState, log: RunLog) -> None:
         rate = run.dist.all_sum(w.tokens) / max(time.perf_counter() - w.started, 1e-9)
         log.step(step, loss=w.loss / max(w.items, 1), lr=run.scheduler.get_last_lr()[0],
                  epoch=round(step / run.steps_per_epoch, 3), tokens_per_s=round(rate, 1),
-                 max_grad_norm=round(w.norm, 4))
+                 max_grad_norm=round(w.norm, 4), **run.objective.window(w.sums))
         w.reset()
     else:
         log.step(step)
@@ -337,9 +346,7 @@ def log_window(run: Run, state: TrainState, log: RunLog) -> None:
 def run_eval(run: Run, state: TrainState, log: RunLog) -> dict:
     """Evaluate the validation split now; the result is logged and kept in the state's evaluations."""
     try:
-        result = evaluate(run.model, run.data.validation, len(run.data.labels), run.prec, run.dist.device,
-                          run.tokenizer.pad_token_id, run.cfg.eval.batch_size, run.lm, run.gen_eval, run.keep_logits,
-                          run.dist, run.strategy.shards_parameters)
+        result = run.objective.evaluate(run)
     except (RuntimeError, MemoryError) as e:
         faults.raise_if_oom(e, run.cfg, run.dist.device, faults.Where("eval", state.step))
         raise
@@ -480,7 +487,39 @@ def summary(run: Run, state: TrainState, resume: Path | None, pruned: bool, forg
         "gradient_checkpointing": run.cfg.train.gradient_checkpointing,
         "skipped_steps": state.skips.skipped, "resumed_from": str(resume) if resume else None,
         "last_checkpoint": str(checkpoints.latest(run.saver.dir) or "") or None, "forgetting": forgot,
+        **run.objective.summary(),
     }
+
+
+class TokenObjective:
+    """Classification and language modelling (causal_lm, sft): what the loop computes per task, as
+    preference.PreferenceObjective does for task preference. The loss is summed over examples or next-token
+    targets (`task_loss`); a logging window adds nothing beyond the loss."""
+
+    def collate(self, run: Run, rows: list[int]) -> dict:
+        return collate(run.data.train.dataset[rows], run.tokenizer.pad_token_id, lm=run.lm)
+
+    def count(self, run: Run, batch: dict) -> int:
+        return count_targets(batch["labels"], run.lm)
+
+    def loss(self, run: Run, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        with run.prec.autocast():
+            logits = run.net(**model_inputs(batch, run.lm, run.keep_logits)).logits
+        return task_loss(logits, batch["labels"], run.lm, run.keep_logits), {}
+
+    def window(self, sums: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def evaluate(self, run: Run) -> dict:
+        return evaluate(run.model, run.data.validation, len(run.data.labels), run.prec, run.dist.device,
+                        run.tokenizer.pad_token_id, run.cfg.eval.batch_size, run.lm, run.gen_eval, run.keep_logits,
+                        run.dist, run.strategy.shards_parameters)
+
+    def prepare(self, run: Run, log: RunLog, resumed: bool) -> None:
+        """Nothing to compute before the first step."""
+
+    def summary(self) -> dict:
+        return {}
 
 
 @contextlib.contextmanager

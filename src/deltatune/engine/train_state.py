@@ -35,16 +35,20 @@ class LogWindow:
     loss: float = 0.0  # summed loss of the window's steps (each step's sum over its global batch)
     items: float = 0.0  # what that sum is over: examples or target tokens (this process's share)
     norm: float = 0.0
+    # Further sums a task logs per window (preference: rewards and log-probs, engine/preference.py), by name.
+    sums: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: float, norm: float, items: float) -> None:
+    def add(self, loss: float, norm: float, items: float, sums: dict[str, float] | None = None) -> None:
         self.loss += loss
         self.norm = max(self.norm, norm)
         self.items += items
+        for key, value in (sums or {}).items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
 
     def reset(self) -> None:
-        self.loss, self.items, self.tokens, self.norm = 0.0, 0.0, 0, 0.0
+        self.loss, self.items, self.tokens, self.norm, self.sums = 0.0, 0.0, 0, 0.0, {}
         self.started = time.perf_counter()
 
 
@@ -82,7 +86,8 @@ class TrainState:
                 "best_metrics": self.best_metrics, "evals": self.evals, "bad_evals": self.bad_evals,
                 "stopped_early": self.stopped_early, "tokens": self.tokens, "compute_s": self.compute_s,
                 "probe_before": self.probe_before, "skips": asdict(self.skips),
-                "window": {"loss": self.window.loss, "items": self.window.items, "norm": self.window.norm}}
+                "window": {"loss": self.window.loss, "items": self.window.items, "norm": self.window.norm,
+                           "sums": dict(self.window.sums)}}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.best, self.best_step = d["step"], d["best"], d["best_step"]
@@ -94,3 +99,4 @@ class TrainState:
                                                                          d["skips"]["first_bad"])
         self.window.loss, self.window.items, self.window.norm = d["window"]["loss"], d["window"]["items"], \
             d["window"]["norm"]
+        self.window.sums = dict(d["window"].get("sums", {}))  # absent in checkpoints written before it existed
