@@ -59,7 +59,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            description="LoRA over a 4-bit NF4 or 8-bit LLM.int8 base (bitsandbytes); merges into a 32-bit copy",
            lr_scale=lora.lr_scale, load_kwargs=lora.quantized_load_kwargs, default_lr=5e-4),
     Method("ia3", peft_methods.IA3Config, peft_methods.apply_ia3, "adapter", True,
-           description="learned rescaling of keys, values and feed-forward activations", default_lr=3e-3),
+           description="learned rescaling of keys, values and feed-forward activations", default_lr=3e-2),
     Method("ln_tuning", peft_methods.LNTuningConfig, peft_methods.apply_ln_tuning, "adapter", False,
            "LayerNorm tuning replaces the norm weights; peft cannot merge it back", "only LayerNorm weights train",
            default_lr=1e-3),
@@ -68,7 +68,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            "trainable virtual tokens prepended to the input", default_lr=3e-2),
     Method("p_tuning", peft_methods.PTuningConfig, peft_methods.apply_p_tuning, "adapter", False,
            "soft prompts add virtual tokens to every input: there is no weight to merge them into",
-           "virtual tokens produced by a small prompt encoder (MLP or LSTM)", default_lr=1e-3),
+           "virtual tokens produced by a small prompt encoder (MLP or LSTM)", default_lr=1e-2),
     Method("prefix_tuning", peft_methods.PrefixTuningConfig, peft_methods.apply_prefix_tuning, "adapter", False,
            "prefixes add key/value positions to every layer: there is no weight to merge them into",
            "trainable key/value prefixes in every layer, reparameterised by an MLP (P-tuning v2 style); "
