@@ -174,3 +174,14 @@ def test_an_unfinished_run_is_trained_again(compared, config_file, tmp_path, cap
     assert "full (lr 0.003): training in" in said and "lora (lr 0.0005): skipped, finished earlier" in said
     log = (tmp_path / "logs" / "full.log").read_text(encoding="utf-8")
     assert "starting over" in log and summary(tmp_path / "full")["steps"] == 2
+
+
+def test_a_method_without_a_recipe_trains_at_its_own_default_lr_not_the_configs():
+    from deltatune import config as config_mod
+    from deltatune.compare import recipes
+    from deltatune.methods import REGISTRY
+
+    cfg = config_mod.load(None, ["data.train=x", "train.lr=1e-4"])  # full fine-tuning's lr, chosen by the user
+    assert recipes.setting("full", cfg, {}).lr == 1e-4  # the config's own method keeps it
+    for name in ("prefix_tuning", "ia3", "lora"):
+        assert recipes.setting(name, cfg, {}).lr == REGISTRY[name].default_lr != 1e-4

@@ -1,9 +1,10 @@
 """What each compared method trains with: its `method:` section and learning rate, and its lr grid.
 
-A method switched on a config keeps that config's learning rate, which sabotages it: full fine-tuning's 1e-4
-puts LoRA several points behind its own recipe's 5e-4, and soft prompts want 1e-2 or more. So every method
-other than the config's own takes its `method:` section and `train.lr` from its recipe in configs/ (the
-`<method>.yaml` of the config's task, or another recipe of that method and task); everything else (model,
+The config's own method keeps the config's options and lr (the user chose them). Every other method takes its
+`method:` section and `train.lr` from its recipe in configs/ (the `<method>.yaml` of the config's task, or
+another recipe of that method and task; recipes say `lr: auto`, the method's measured default), or, with no
+recipe, its default options and its own default lr: never the config's lr, which belongs to another method
+(full fine-tuning's 1e-4 puts LoRA points behind, soft prompts want 1e-2 or more). Everything else (model,
 data, schedule, batch, seed, precision) stays the user's, so the comparison is of methods alone.
 """
 
@@ -22,7 +23,7 @@ from deltatune.config import RunConfig
 from deltatune.errors import ConfigError, did_you_mean
 from deltatune.methods import REGISTRY
 
-# The source checkout's recipes; an installed package has none (then every method keeps the config's lr).
+# The source checkout's recipes; an installed package has none (then every other method trains at its own lr).
 RECIPES_DIR = Path(deltatune.__file__).resolve().parents[2] / "configs"
 
 # Names --methods accepts besides the registry's: LoRA variants compared as methods of their own.
@@ -83,8 +84,8 @@ def setting(name: str, cfg: RunConfig, found: dict[str, Path]) -> Setting:
         recipe = config_mod.load(found[base])
         return Setting(name, {**recipe.method.model_dump(mode="json"), **extra}, recipe.train.lr,
                        f"from {found[base]}")
-    return Setting(name, {"name": base, **extra}, cfg.train.lr,
-                   f"at their defaults, lr from the config (no {cfg.task} recipe of {base} in configs/)")
+    return Setting(name, {"name": base, **extra}, REGISTRY[base].default_lr,
+                   f"at their defaults and its own lr (train.lr=auto; no {cfg.task} recipe of {base} in configs/)")
 
 
 def lr_grid(name: str, lr: float) -> list[float]:
