@@ -213,3 +213,32 @@ def test_killed_preference_run_resumes_exactly_with_its_reference_cache(tiny_cha
     assert records(tmp_path / "ref") == records(tmp_path / "run")
     for key in ("steps", "best_step", "best_metrics", "evals"):
         assert ref[key] == resumed[key], key
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_ddp_two_processes_reach_the_preference_run_of_one(tiny_chat_llama, tmp_path, method):
+    """Global batch 8 (one process 4 x accumulation 2, two ranks 2 x 2) over 17 pairs: the last global batch holds
+    one pair, so one rank runs only stand-ins. The step losses and preference metrics (summed over the ranks),
+    the sharded evaluation (and, for full, the sharded reference pass) and the weights agree with one process."""
+    from tests.multiproc import deltatune, largest_difference, weights
+
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", pairs(17)),
+             "validation": write_jsonl(tmp_path / "val.jsonl", pairs(7, 100))}
+    extra = {"train.grad_accum": 2, "train.max_steps": 6, "train.log_every": 1, "eval.every": 3,
+             "eval.batch_size": 2}
+    single = api.train(make(tmp_path / "one", tiny_chat_llama, files, method, **{"train.batch_size": 4, **extra}))
+    cfg = make(tmp_path / "two", tiny_chat_llama, files, method, **{"train.batch_size": 2, **extra})
+    (tmp_path / "two.yaml").write_text(cfg.to_yaml())
+    done = deltatune([str(tmp_path / "two.yaml")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (two["distributed"]["mode"], two["world_size"], two["global_batch"]) == ("ddp", 2, single["global_batch"])
+    assert two["preference"]["reference"] == single["preference"]["reference"]
+    for x, y in zip(records(tmp_path / "one")[0], records(tmp_path / "two")[0], strict=True):
+        for key in ("step", "loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"):
+            assert y[key] == pytest.approx(x[key], abs=1e-5), (x["step"], key)
+    for e1, e2 in zip(single["evals"], two["evals"], strict=True):
+        for key in ("loss", "reward_accuracy", "reward_margin", "chosen_logps"):
+            assert e2[key] == pytest.approx(e1[key], abs=1e-4), (e1["step"], key)
+    assert largest_difference(weights(tmp_path / "one"), weights(tmp_path / "two")) < 5e-5
+
