@@ -135,10 +135,14 @@ class Reference:
             self.tables = load_file(self.cache)
             log.print(f"reference log-probabilities: read from {self.cache}")
         elif resumed:
+            others = sorted(p.name for p in self.cache.parent.glob("*.safetensors"))
+            why = (f"the run directory holds them for other data, model or settings ({', '.join(others)}): what "
+                   f"changed since the run started (data files, tokenizer, max_length, model, method, precision) "
+                   f"must be as it was" if others else "the file is missing")
             raise DeltatuneError(
-                f"resuming a preference run: its reference log-probabilities ({self.cache}) are missing, and "
-                f"they cannot be recomputed from a half-trained model. Fix: restore that file, or start the run "
-                f"over (output.overwrite=true).")
+                f"resuming a preference run: its reference log-probabilities ({self.cache}) cannot be read ({why}), "
+                f"and they cannot be recomputed from a half-trained model. Fix: resume with the run's own config "
+                f"and data, restore the file, or start the run over (output.overwrite=true).")
         else:
             log.print(f"reference log-probabilities: one pass of the initial model over "
                       f"{', '.join(f'{len(s.dataset)} {n}' for n, s in splits.items())} pairs ({self.why})")
