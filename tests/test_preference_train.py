@@ -102,20 +102,24 @@ def pair_batch(split, rows: list[int], pad_id: int) -> dict:
     return pair_data.collate(split.dataset[rows], pad_id)
 
 
-def test_full_dpo_precomputes_the_initial_models_reference_once(tiny_chat_llama, pair_files, tmp_path):
-    cfg = make(tmp_path / "run", tiny_chat_llama, pair_files, "full", **{"train.log_every": 1})
+@pytest.mark.parametrize(("loss", "loss_at_start"), [("dpo", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2)])
+def test_full_fine_tuning_precomputes_the_initial_models_reference(tiny_chat_llama, pair_files, tmp_path, loss,
+                                                                    loss_at_start):
+    """DPO (summed log-probabilities) and IPO (averaged): the reference file holds the base model's."""
+    cfg = make(tmp_path / "run", tiny_chat_llama, pair_files, "full", **{"train.log_every": 1,
+                                                                         "preference.loss": loss})
     s = api.train(cfg)
     assert s["preference"]["reference"] == "precomputed" and s["evals"][-1]["reward_accuracy"] == 1.0
     cache = load_file(s["preference"]["reference_cache"])
     bundle = data_mod.build(cfg.data, AutoTokenizer.from_pretrained(tiny_chat_llama), task="preference")
     for name in ("train", "validation"):
-        expected = base_logps(tiny_chat_llama, getattr(bundle, name))
+        expected = base_logps(tiny_chat_llama, getattr(bundle, name), averages=loss == "ipo")
         assert torch.allclose(cache[name], expected, atol=1e-4), name
-    # Step 1 is scored before its update, so the policy is the reference: each pair's loss is log 2 and the
-    # margin 0 - only if every pair found its own precomputed row (a misplaced row gives another pair's values).
+    # Step 1 is scored before its update, so the policy is the reference: each pair's loss is the loss at a zero
+    # margin - only if every pair found its own precomputed row (a misplaced row gives another pair's values).
     first = records(tmp_path / "run")[0][0]
-    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    assert first["step"] == 1 and first["loss"] == pytest.approx(loss_at_start, abs=1e-3)
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
