@@ -324,6 +324,10 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
 def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     """Metrics of a saved run on a labelled file (default: the run's own validation data)."""
     run = load_run(run_dir)
+    if run.config.task == "preference":
+        raise ConfigError(f"{run_dir}: deltatune eval does not score preference runs yet; their evaluations "
+                          f"(loss, reward accuracy, reward margin) ran during training: summary.json `evals`, "
+                          f"metrics.jsonl.")
     section = run.config.data.model_copy()
     skipped = 0
     if data_file is not None:  # read, checked and tokenized as in training (data.on_error as the run had it)

@@ -24,6 +24,7 @@ from pydantic import (
 from deltatune.errors import ConfigError, did_you_mean
 from deltatune.methods import REGISTRY, MethodConfig
 from deltatune.sections import Section
+from deltatune.tasks import TASKS, is_lm  # noqa: F401 - is_lm: imported from here too
 
 
 class ModelSection(Section):
@@ -182,12 +183,6 @@ class OutputSection(Section):
         return v
 
 
-def is_lm(task: str) -> bool:
-    """Whether `task` trains a language model (causal_lm, sft: per-token targets, loss and perplexity) rather
-    than a classifier (one label per text, a new head). The one place the code decides this."""
-    return task != "classification"
-
-
 class PreferenceSection(Section):
     """task: preference. Hyper-parameters left unset take the loss's own default (preference/losses.py); one the
     chosen loss does not have is an error."""
@@ -222,7 +217,7 @@ class PreferenceSection(Section):
 
 
 class RunConfig(Section):
-    task: Literal["classification", "causal_lm", "sft", "preference"] = "classification"
+    task: Literal[TASKS] = "classification"
     model: ModelSection = ModelSection()
     method: MethodConfig = Field(default_factory=lambda: REGISTRY["full"].Config())
     data: DataSection

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from deltatune.errors import ConfigError, did_you_mean
+from deltatune.tasks import is_lm
 
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads (BERT family, decoder family)
 
@@ -118,7 +119,7 @@ def norm_layers(model: torch.nn.Module) -> list[str]:
 def peft_task_type(task: str):
     from peft import TaskType
 
-    return {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM, "sft": TaskType.CAUSAL_LM}[task]
+    return TaskType.CAUSAL_LM if is_lm(task) else TaskType.SEQ_CLS
 
 
 def load_named(params: dict[str, torch.nn.Parameter], file: Path, what: str) -> None:
