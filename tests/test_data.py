@@ -151,7 +151,7 @@ def _line_of(path, text: str) -> int:
 
 
 def test_the_task_decides_language_model_or_classifier_in_one_place(make_config):
-    """config.is_lm (and RunConfig.lm) is the one answer to "token targets or one label per text"; the data,
+    """tasks.is_lm (config.is_lm, RunConfig.lm) is the one answer to "token targets or one label per text"; the data,
     evaluation and preflight code, and api's evaluate/inspect_data, ask it instead of comparing task names."""
     import ast
     import typing
@@ -161,7 +161,8 @@ def test_the_task_decides_language_model_or_classifier_in_one_place(make_config)
     from deltatune import config
 
     tasks = typing.get_args(config.RunConfig.model_fields["task"].annotation)
-    assert {t: config.is_lm(t) for t in tasks} == {"classification": False, "causal_lm": True, "sft": True}
+    assert {t: config.is_lm(t) for t in tasks} == {"classification": False, "causal_lm": True, "sft": True,
+                                                   "preference": True}
     assert make_config(task="sft").lm and not make_config().lm
     src = Path(deltatune.__file__).parent
     trees = [ast.parse(p.read_text(encoding="utf-8")) for d in ("data", "evaluation") for p in (src / d).glob("*.py")]
