@@ -46,9 +46,10 @@ class WeightStore:
         values), and hold the others for models to come. Returns the bytes `model` no longer holds on its own."""
         freed = 0
         seen: dict[int, torch.nn.Parameter] = {}  # tied parameters (embeddings = LM head) stay tied
-        for full, param in list(inner_model(model).named_parameters(remove_duplicate=False)):
+        inner = inner_model(model)
+        for full, param in list(inner.named_parameters(remove_duplicate=False)):
             owner_name, _, attr = full.rpartition(".")
-            owner = inner_model(model).get_submodule(owner_name)
+            owner = inner.get_submodule(owner_name)
             if id(param) in seen:
                 setattr(owner, attr, seen[id(param)])
                 continue
