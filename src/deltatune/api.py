@@ -374,10 +374,10 @@ def predict(run_dir: str | Path | LoadedRun, texts: list[str], batch_size: int =
 
 def prompt_template(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> str:
     """How prompts are rendered for this run: `chat` (the tokenizer's template), `alpaca`, or `raw`
-    text (causal_lm runs continue text as it is)."""
+    text (causal_lm runs continue text as it is). Preference runs render their prompts as sft does."""
     from deltatune.data import sft
 
-    return sft.resolve_template(cfg.data.template, tokenizer) if cfg.task == "sft" else "raw"
+    return sft.resolve_template(cfg.data.template, tokenizer) if cfg.task in ("sft", "preference") else "raw"
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str) -> list[int]:
