@@ -122,6 +122,19 @@ def test_full_fine_tuning_precomputes_the_initial_models_reference(tiny_chat_lla
     assert first["reward_margin"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_a_precomputed_reference_for_an_adapter_is_the_base_model_not_the_initial_soft_prompt(
+        tiny_chat_llama, pair_files, tmp_path):
+    """preference.reference=precomputed with prompt tuning: the table holds the base model's log-probabilities
+    (the adapter switched off), not those of the randomly initialised virtual tokens."""
+    cfg = make(tmp_path / "run", tiny_chat_llama, pair_files, "prompt_tuning",
+               **{"preference.reference": "precomputed", "train.max_steps": 2, "eval.every": 2})
+    s = api.train(cfg)
+    assert s["preference"]["reference"] == "precomputed" and "preference.reference" in s["preference"]["reference_why"]
+    cache = load_file(s["preference"]["reference_cache"])
+    bundle = data_mod.build(cfg.data, AutoTokenizer.from_pretrained(tiny_chat_llama), task="preference")
+    assert torch.allclose(cache["validation"], base_logps(tiny_chat_llama, bundle.validation), atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
 def test_the_live_reference_is_the_base_model_alone(tiny_chat_llama, pair_files, tmp_path, method):
     """The adapter switched off gives the base model's log-probabilities (prompt tuning: the base model on the
@@ -138,7 +151,7 @@ def test_the_live_reference_is_the_base_model_alone(tiny_chat_llama, pair_files,
                 p.normal_(std=0.2)
     cpu = torch.device("cpu")
     run = SimpleNamespace(model=model, prec=precision.resolve("fp32", cpu), dist=Dist(0, 1, 0, cpu))
-    ref = objective.Reference("live", "", averages=False, base_only=loop.base_only)
+    ref = objective.Reference("live", "", averages=False, base_only=loop.base_only, adapter_off=True)
     assert objective.reference_kind(cfg, model)[0] == "live"
     batch = pair_batch(bundle.train, [0, 1, 2], 0)
     chosen, rejected = ref.of_batch(run, batch)

@@ -192,6 +192,9 @@ class PreferenceSection(Section):
     gamma: float | None = Field(None, ge=0, description="simpo: the target reward margin (default 1.0)")
     lambda_: float | None = Field(None, ge=0, alias="lambda", description="orpo: weight of the odds-ratio term "
                                   "(default 0.1)")
+    reference: Literal["auto", "precomputed"] = Field(
+        "auto", description="dpo/ipo: auto (peft adapters: the model with its adapter off, live; other methods: "
+        "precomputed) | precomputed (one pass over the pairs before training, cached in the run)")
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
                               populate_by_name=True, serialize_by_alias=True)
 
@@ -208,7 +211,9 @@ class PreferenceSection(Section):
 
         takes = LOSSES[self.loss].params
         extra = [("lambda" if k == "lambda_" else k) for k, v in self.model_dump(by_alias=False).items()
-                 if k != "loss" and v is not None and k not in takes]
+                 if k not in ("loss", "reference") and v is not None and k not in takes]
+        if self.reference != "auto" and not LOSSES[self.loss].needs_reference:
+            extra.append("reference")
         if extra:
             raise ValueError(f"preference.loss={self.loss} takes {', '.join(k.rstrip('_') for k in takes)}; "
                              f"{', '.join(extra)}: not a {self.loss} setting (remove it, or choose the loss it "

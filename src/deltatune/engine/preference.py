@@ -25,6 +25,7 @@ Why adapters do not precompute too (TRL's precompute_ref_log_probs): docs/prefer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,13 +51,22 @@ def reference_kind(cfg: Any, model: torch.nn.Module) -> tuple[str, str]:
     loss = LOSSES[cfg.preference.loss]
     if not loss.needs_reference:
         return "none", f"{loss.name} uses no reference model"
+    if cfg.preference.reference == "precomputed":
+        return "precomputed", ("preference.reference=precomputed: the initial model's log-probabilities are computed "
+                               "once before training")
     if not callable(getattr(model, "disable_adapter", None)):
         return "precomputed", (f"method {cfg.method.name} has no adapter that can be switched off: the initial "
                                f"model's log-probabilities are computed once before training")
-    if getattr(cfg.method, "init", None) == "pissa":
+    if not switches_off(cfg, model):
         return "precomputed", ("lora init=pissa moved the principal components out of the base weights, so the "
                                "model with its adapter off is not the initial model")
     return "live", "the model with its adapter switched off (peft's disable_adapter), no second copy"
+
+
+def switches_off(cfg: Any, model: torch.nn.Module) -> bool:
+    """Whether the model with its peft adapter switched off is the initial model's reference: not for methods
+    without one, nor for lora init=pissa (peft moved the principal components out of the base weights)."""
+    return callable(getattr(model, "disable_adapter", None)) and getattr(cfg.method, "init", None) != "pissa"
 
 
 @torch.no_grad()
@@ -96,9 +106,12 @@ def pair_logps(model: torch.nn.Module, split: Any, averages: bool, prec: Any, di
 class Reference:
     """The reference model's log-probabilities of a micro-batch's answers, or of a whole split (evaluation)."""
 
-    def __init__(self, kind: str, why: str, averages: bool, base_only: Callable):
+    def __init__(self, kind: str, why: str, averages: bool, base_only: Callable, adapter_off: bool):
         self.kind, self.why, self.averages = kind, why, averages
         self.base_only = base_only  # loop.base_only: the model with its peft adapter switched off
+        # Precomputed for a peft model too (preference.reference=precomputed): the reference is still the model
+        # with its adapter off (soft prompts start random, so "initial model" would not be the base).
+        self.adapter_off = adapter_off
         self.tables: dict[str, torch.Tensor] = {}  # precomputed: split name -> [pairs, 2]
         self.cache: Path | None = None
 
@@ -146,7 +159,8 @@ class Reference:
         else:
             log.print(f"reference log-probabilities: one pass of the initial model over "
                       f"{', '.join(f'{len(s.dataset)} {n}' for n, s in splits.items())} pairs ({self.why})")
-            self.tables = {n: split_logps(run, s, self.averages, logits_budget) for n, s in splits.items()}
+            with self.base_only(run.model) if self.adapter_off else contextlib.nullcontext():
+                self.tables = {n: split_logps(run, s, self.averages, logits_budget) for n, s in splits.items()}
             if run.dist.is_main:
                 write_atomically(self.cache, self.tables)
             run.dist.barrier()
@@ -193,7 +207,8 @@ class PreferenceObjective:
                  logits_budget: int | None = None):
         self.loss_fn = LOSSES[cfg.preference.loss]
         self.hyper = cfg.preference.hyper()
-        self.reference = Reference(*reference_kind(cfg, model), self.loss_fn.averages, base_only)
+        self.reference = Reference(*reference_kind(cfg, model), self.loss_fn.averages, base_only,
+                                   switches_off(cfg, model))
         self.logits_budget = logits_budget
 
     def collate(self, run: Any, rows: list[int]) -> dict:
