@@ -259,3 +259,33 @@ def test_ddp_two_processes_reach_the_preference_run_of_one(tiny_chat_llama, tmp_
             assert e2[key] == pytest.approx(e1[key], abs=1e-4), (e1["step"], key)
     assert largest_difference(weights(tmp_path / "one"), weights(tmp_path / "two")) < 5e-5
 
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_deltatune_eval_of_a_saved_run_repeats_the_runs_own_evaluation(tiny_chat_llama, pair_files, tmp_path,
+                                                                       method):
+    """api.evaluate of a saved preference run gives the metrics of its best evaluation: the reference as in
+    training (lora: the adapter switched off; full: the base model loaded alone, as its table was computed)."""
+    s = api.train(make(tmp_path / "run", tiny_chat_llama, pair_files, method))
+    again = api.evaluate(tmp_path / "run")
+    best = s["best_metrics"]
+    assert best["reward_margin"] != 0.0  # a reference equal to the policy would give 0 everywhere
+    for key in ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward",
+                "preference_accuracy"):
+        assert again[key] == pytest.approx(best[key], abs=1e-4), key
+    assert again["rows"] == 8
+
+
+def test_preference_accuracy_and_generated_answers_are_evaluated_from_the_start(tiny_chat_llama, pair_files,
+                                                                                tmp_path):
+    """preference_accuracy ranks the answers by the policy alone (defined at step 0, where every reward is 0);
+    eval.metric=label_accuracy generates answers to the prompts and scores them against the chosen answers."""
+    cfg = make(tmp_path / "run", tiny_chat_llama, pair_files, **{"eval.at_start": "true",
+                                                                 "eval.metric": "label_accuracy",
+                                                                 "eval.max_new_tokens": 3})
+    s = api.train(cfg)
+    first, last = s["evals"][0], s["evals"][-1]
+    assert first["step"] == 0 and first["reward_accuracy"] == 0.0
+    assert 0.0 <= first["preference_accuracy"] <= 1.0 and last["preference_accuracy"] == 1.0
+    assert first["generated_rows"] == 8 and {x["reference"] for x in first["samples"]} == {"positive"}
+    assert "label_accuracy" in last and s["best_metric"] == "label_accuracy"

@@ -324,10 +324,6 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
 def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     """Metrics of a saved run on a labelled file (default: the run's own validation data)."""
     run = load_run(run_dir)
-    if run.config.task == "preference":
-        raise ConfigError(f"{run_dir}: deltatune eval does not score preference runs yet; their evaluations "
-                          f"(loss, reward accuracy, reward margin) ran during training: summary.json `evals`, "
-                          f"metrics.jsonl.")
     section = run.config.data.model_copy()
     skipped = 0
     if data_file is not None:  # read, checked and tokenized as in training (data.on_error as the run had it)
@@ -340,13 +336,31 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     prec = precision.resolve(run.config.train.precision, next(run.model.parameters()).device)
     device = next(run.model.parameters()).device
     lm = run.config.lm
-    gen = loop.generation_inputs(split, run.config, run.tokenizer) if run.config.task == "sft" else None
-    result = loop.evaluate(run.model, split, len(run.labels), prec, device, run.tokenizer.pad_token_id,
-                           run.config.eval.batch_size, lm, gen, lm and loop.accepts_logits_mask(run.model))
+    gen = loop.generation_inputs(split, run.config, run.tokenizer) if run.config.task in ("sft", "preference") else None
+    if run.config.task == "preference":
+        result = _evaluate_pairs(run, split, prec, gen)
+    else:
+        result = loop.evaluate(run.model, split, len(run.labels), prec, device, run.tokenizer.pad_token_id,
+                               run.config.eval.batch_size, lm, gen, lm and loop.accepts_logits_mask(run.model))
     result["rows"] = split.rows
     result["rows_skipped"] = skipped
     result["truncated"] = split.truncated
     return result
+
+
+def _evaluate_pairs(run: LoadedRun, split, prec: precision.Precision, gen) -> dict:
+    """A preference run's metrics on `split`; the reference as in training (engine/preference.py)."""
+    from deltatune.engine import preference as pref
+
+    cfg, base = run.config, None
+    if pref.reference_kind(cfg, run.model)[0] == "precomputed" and not pref.switches_off(cfg, run.model):
+        # The initial model these methods' references were computed from is the base loaded alone.
+        device = next(run.model.parameters()).device
+        base = models.load_model(cfg.task, cfg.model.name, run.labels, run.tokenizer, cfg.model.revision,
+                                 cfg.model.trust_remote_code, models.attention_for(cfg.model.attention, device)
+                                 ).to(device)
+    return pref.evaluate_saved(cfg, run.model, run.tokenizer, split, prec, loop.base_only, loop.LM_LOGITS_BUDGET,
+                               base, gen)
 
 
 @torch.no_grad()

@@ -101,7 +101,8 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Evaluate a saved run: accuracy, precision, recall, F1, loss (classification); loss, perplexity and, for
-    sft runs scored by generation, exact match / label accuracy."""
+    sft runs scored by generation, exact match / label accuracy; preference runs: loss, reward accuracy and
+    margin, preference accuracy (and generation metrics as sft)."""
     from deltatune import api
 
     result = api.evaluate(run_dir, data)

@@ -128,8 +128,8 @@ class EvalSection(Section):
     metric: Literal["auto", "accuracy", "f1", "precision", "recall", "loss", "perplexity", "exact_match",
                     "label_accuracy", "reward_accuracy", "reward_margin"] = Field(
         "auto", description="picks the best checkpoint; auto = accuracy (classification) or loss (causal_lm, sft, "
-        "preference); exact_match / label_accuracy generate answers (sft); reward_accuracy / reward_margin "
-        "(preference)")
+        "preference); exact_match / label_accuracy generate answers (sft, preference: scored against the chosen "
+        "answer); reward_accuracy / reward_margin / preference_accuracy (preference)")
     patience: int | None = Field(None, ge=1, description="stop after this many evals without improvement")
     batch_size: int = Field(64, ge=1)
     at_start: bool = Field(False, description="also evaluate before the first step (the base model's score, "

@@ -39,7 +39,9 @@ from safetensors.torch import load_file, save_file
 from deltatune.data import preference as pairs
 from deltatune.data.batching import eval_batches, model_inputs
 from deltatune.data.columns import column
+from deltatune.engine.distributed import Dist
 from deltatune.errors import DeltatuneError
+from deltatune.evaluation import generation
 from deltatune.models import identity
 from deltatune.preference.losses import LOSSES, metric_means, metric_sums, sequence_logps
 
@@ -198,6 +200,43 @@ def write_atomically(path: Path, tables: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
+@torch.no_grad()
+def score_pairs(loss_fn: Any, hyper: dict, policy: torch.Tensor, reference: torch.Tensor | None) -> dict:
+    """The loss (mean over pairs) and metrics of [pairs, 2] (chosen, rejected) log-probabilities under the policy
+    and the reference (None for losses without one). preference_accuracy needs no reference: the share of pairs
+    whose chosen answer the policy itself finds likelier (its log-probability, summed or averaged as the loss
+    reads it), which means something before training too, where every DPO reward is 0."""
+    ref = (reference[:, 0], reference[:, 1]) if reference is not None else ()
+    out = loss_fn(policy[:, 0], policy[:, 1], *ref, **hyper)
+    return {"loss": float(out.losses.double().mean()), **metric_means(metric_sums(out)),
+            "preference_accuracy": float((policy[:, 0] > policy[:, 1]).double().mean())}
+
+
+def evaluate_saved(cfg: Any, model: torch.nn.Module, tokenizer: Any, split: Any, prec: Any, base_only: Callable,
+                   logits_budget: int, base_model: torch.nn.Module | None = None, gen: Any = None) -> dict:
+    """`deltatune eval` of a saved preference run on `split` (one process): the metrics training logs, with the
+    reference as training had it: the model with its adapter switched off, or `base_model`, the initial model
+    loaded alone, for the methods whose reference was precomputed from it (their run's table covers only its
+    own pairs). gen: a loop.GenerationEval for the generation metrics, or None."""
+    loss_fn = LOSSES[cfg.preference.loss]
+    dist = Dist(0, 1, 0, next(model.parameters()).device)
+    vocab = getattr(model.config, "vocab_size", None) or 32_000
+
+    def logps(m: torch.nn.Module) -> torch.Tensor:
+        return pair_logps(m, split, loss_fn.averages, prec, dist, tokenizer.pad_token_id, cfg.eval.batch_size,
+                          logits_budget // vocab, synced=False)
+
+    policy, reference = logps(model), None
+    if loss_fn.needs_reference:
+        with base_only(model) if base_model is None else contextlib.nullcontext():
+            reference = logps(base_model if base_model is not None else model)
+    result = score_pairs(loss_fn, cfg.preference.hyper(), policy, reference)
+    if gen is not None:
+        result.update(generation.score(model, tokenizer, gen.prompts, gen.references, gen.max_new_tokens,
+                                       cfg.eval.batch_size, prec.autocast))
+    return result
+
+
 class PreferenceObjective:
     """task: preference. The loss of a step is the sum of its pairs' losses over the pairs of the global batch
     (so batch 8 == batch 2 x accumulation 4, as for every task); a window also logs the rewards and
@@ -232,16 +271,21 @@ class PreferenceObjective:
         return {k: round(v, 6) for k, v in metric_means(sums).items()} if sums.get("pairs") else {}
 
     def evaluate(self, run: Any) -> dict:
-        """Loss and metrics over every validation pair (the loss is the mean over pairs)."""
+        """Loss and metrics over every validation pair (the loss is the mean over pairs); with a generation
+        metric (eval.metric exact_match / label_accuracy), answers generated for a sample of the prompts too,
+        scored against the chosen answers as sft scores its references."""
         split = run.data.validation
         policy = split_logps(run, split, self.loss_fn.averages, self.logits_budget)
-        ref = ()
+        reference = None
         if self.reference.kind != "none":
-            table = self.reference.of_split(run, "validation", split, self.logits_budget)
-            ref = (table[:, 0], table[:, 1])
-        with torch.no_grad():
-            out = self.loss_fn(policy[:, 0], policy[:, 1], *ref, **self.hyper)
-        return {"loss": float(out.losses.double().mean()), **metric_means(metric_sums(out))}
+            reference = self.reference.of_split(run, "validation", split, self.logits_budget)
+        result = score_pairs(self.loss_fn, self.hyper, policy, reference)
+        if run.gen_eval is not None:
+            gen = run.gen_eval
+            result.update(generation.score(run.model, gen.tokenizer, gen.prompts, gen.references, gen.max_new_tokens,
+                                           run.cfg.eval.batch_size, run.prec.autocast, dist=run.dist,
+                                           synced=run.strategy.shards_parameters))
+        return result
 
     def prepare(self, run: Any, log: Any, resumed: bool) -> None:
         log.print(f"[dim]preference: loss {self.loss_fn.name} {self.hyper}; reference {self.reference.kind} "

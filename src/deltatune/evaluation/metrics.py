@@ -4,11 +4,12 @@ from __future__ import annotations
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False,
                     "perplexity": False, "exact_match": True, "label_accuracy": True,
-                    "reward_accuracy": True, "reward_margin": True}
+                    "reward_accuracy": True, "reward_margin": True, "preference_accuracy": True}
 TASK_METRICS = {"classification": ("accuracy", "f1", "precision", "recall", "loss"),
                 "causal_lm": ("loss", "perplexity"),
                 "sft": ("loss", "perplexity", "exact_match", "label_accuracy"),
-                "preference": ("loss", "reward_accuracy", "reward_margin")}
+                "preference": ("loss", "reward_accuracy", "reward_margin", "preference_accuracy", "exact_match",
+                               "label_accuracy")}
 GENERATION_METRICS = ("exact_match", "label_accuracy")
 
 
