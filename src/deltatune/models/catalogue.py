@@ -116,7 +116,7 @@ def resolve(name: str, revision: str | None = None) -> str:
     if name in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[name].path())
     if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+        return str(run_model(Path(name).expanduser()))
     if name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name: directory not found: {name}")
     from huggingface_hub import try_to_load_from_cache
@@ -132,6 +132,22 @@ def resolve(name: str, revision: str | None = None) -> str:
     if problem:
         raise ConfigError(_unknown(name, problem))
     return name
+
+
+def run_model(path: Path) -> Path:
+    """A local model directory; a finished deltatune run given as a base (SFT before DPO: `model.name:
+    runs/sft`) stands for the model it saved. A run that saved an adapter is refused with the command that
+    merges it: training over it needs its whole weights (merged and verified by `deltatune merge`)."""
+    if (path / "config.json").is_file() or not (path / "config.yaml").is_file():
+        return path  # a transformers model directory (or not a run: from_pretrained will say what is missing)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "adapter").is_dir():
+        merged = path.with_name(f"{path.name}-merged")
+        raise ConfigError(f"model.name: {path} is a deltatune run that trained an adapter, not whole model weights. "
+                          f"Fix: merge it into its base once, `deltatune merge {path} {merged}` (verified: the "
+                          f"merged model computes what the run computed), then set model.name: {merged}")
+    return path
 
 
 def _unknown(name: str, reason: str) -> str:
