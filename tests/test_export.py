@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -199,3 +200,24 @@ def test_merge_into_a_non_empty_directory_needs_overwrite_and_a_previous_merge(l
     empty.mkdir()
     merge(run, empty)  # an existing empty directory is fine
     assert (empty / "merge_report.json").exists()
+
+
+def test_the_merge_check_measures_the_difference_relative_to_the_largest_logit():
+    """float32 rounding grows with the values: the same 3e-4 is 1e-5 of logits reaching 30 (passes the default
+    1e-4), and stays 3e-4 where logits are below 1 (the scale is floored at 1)."""
+    from deltatune.export.merge import merge_checked
+
+    class Fake(torch.nn.Module):
+        def __init__(self, logits, merged=None):
+            super().__init__()
+            self.logits, self.merged = logits, merged
+
+        def forward(self, **batch):
+            return SimpleNamespace(logits=self.logits)
+
+        def merge_and_unload(self):
+            return self.merged
+
+    for logits, expected in ((torch.tensor([[30.0, -12.0]]), 1e-5), (torch.tensor([[0.5, -0.2]]), 3e-4)):
+        merged, before, diff = merge_checked(Fake(logits, Fake(logits + 3e-4)), {})
+        assert diff == pytest.approx(expected, rel=1e-2) and torch.equal(before, logits)

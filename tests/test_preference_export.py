@@ -82,7 +82,7 @@ def texts(source, template: str | None = None) -> list[str]:
 def test_a_preference_lora_run_merges_and_the_merged_model_answers_as_the_run(runs, merged, name, template,
                                                                               tiny_chat_llama):
     out, report = merged[name]
-    assert report["task"] == "preference" and report["max_abs_diff"] <= report["tolerance"]
+    assert report["task"] == "preference" and report["max_diff"] <= report["tolerance"]
     # `deltatune generate` of the merged directory renders prompts as the run was trained (data.template); without
     # the record it would guess from the tokenizer, which has a chat template.
     assert report["prompt_template"] == template

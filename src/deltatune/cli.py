@@ -256,7 +256,8 @@ def _predict_table(results: list[dict], multi: bool) -> None:
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="a finished adapter run (lora, ia3, ...)")],
     out_dir: Annotated[Path, typer.Argument(help="where to write the merged Hugging Face model")],
-    tolerance: Annotated[float, typer.Option(help="largest allowed |merged - unmerged| output difference")] = 1e-4,
+    tolerance: Annotated[float, typer.Option(help="largest allowed |merged - unmerged| output difference, relative "
+                                             "to the largest logit magnitude where that exceeds 1")] = 1e-4,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace OUT_DIR if it holds a previous merge "
                                             "(never anything else)")] = False,
 ) -> None:
@@ -266,7 +267,8 @@ def merge(
 
     report = do_merge(run_dir, out_dir, tolerance, overwrite=overwrite)
     out.print(f"merged {report['method']} adapter into {out_dir}: max |merged - unmerged| = "
-              f"{report['max_abs_diff']:.3g} over {report['samples']} samples (tolerance {tolerance:g})",
+              f"{report['max_abs_diff']:.3g} ({report['max_diff']:.3g} relative to the largest logit) over "
+              f"{report['samples']} samples (tolerance {tolerance:g})",
               soft_wrap=True)
     if report.get("quantized_kernel_max_abs_diff") is not None:
         out.print(f"  merged into a {report['into']}; the quantized CPU/GPU kernel itself "

@@ -43,10 +43,14 @@ def sample_batch(run: api.LoadedRun, limit: int = 32) -> dict[str, torch.Tensor]
 def merge_checked(model: torch.nn.Module, batch: dict[str, torch.Tensor]
                   ) -> tuple[torch.nn.Module, torch.Tensor, float]:
     """Merge `model`'s adapter into its base weights (in place; `model` is spent) and measure what that changed:
-    (the merged plain model, the unmerged logits on `batch`, the largest absolute difference from them)."""
+    (the merged plain model, the unmerged logits on `batch`, the difference: the largest absolute difference
+    from them, relative to the largest logit magnitude where that exceeds 1). Relative because float32 rounding
+    grows with the values: a correct merge of a SmolLM2-135M LoRA (logits up to ~30) differs by ~1e-4 in
+    absolute terms, while a wrong one (an adapter dropped or scaled wrongly) differs by whole units."""
     before = model(**batch).logits.float()
     merged = model.merge_and_unload()
-    return merged, before, float((before - merged(**batch).logits.float()).abs().max())
+    scale = max(1.0, float(before.abs().max()))
+    return merged, before, float((before - merged(**batch).logits.float()).abs().max()) / scale
 
 
 def dequantized_copy(run: api.LoadedRun) -> torch.nn.Module:
@@ -126,14 +130,14 @@ def _merge_locked(run_dir: Path, out: Path, tolerance: float, overwrite: bool) -
         if quantized:
             kernel_diff = float((kernel - before).abs().max())
     report = {"run_dir": str(run_dir), "method": method.name, "samples": int(batch["input_ids"].shape[0]),
-              "max_abs_diff": diff, "tolerance": tolerance,
+              "max_diff": diff, "max_abs_diff": diff * max(1.0, float(before.abs().max())), "tolerance": tolerance,
               "into": f"fp32 copy of the dequantized {run.config.method.bits}-bit base" if quantized else "fp32 base",
               "quantized_kernel_max_abs_diff": kernel_diff, "task": run.config.task,
               # How `deltatune generate` should render prompts for the merged model, as for the run.
               "prompt_template": api.prompt_template(run.config, run.tokenizer)}
     if diff > tolerance:
-        raise DeltatuneError(f"merge verification failed: merged and unmerged outputs differ by {diff:.3g} "
-                             f"(> tolerance {tolerance:g}); nothing was written to {out}.")
+        raise DeltatuneError(f"merge verification failed: merged and unmerged outputs differ by {diff:.3g} relative "
+                             f"to the largest logit (> tolerance {tolerance:g}); nothing was written to {out}.")
     preflight.merge_target(run_dir, out, overwrite)  # again, under the lock: nothing arrived in OUT meanwhile
     # Atomically (temp dir, fsync, rename): a killed merge never leaves a half-written model behind.
     artifact.recover_target(out)
