@@ -421,8 +421,8 @@ def load_generator(path: str | Path, template: str | None = None, device: str | 
     if (path / "config.yaml").exists():
         run = load_run(path, device)
         if run.config.task == "classification":
-            raise DeltatuneError(f"{path}: generate needs a causal_lm or sft run; this run classifies texts. "
-                                 f"Use `deltatune predict`.")
+            raise DeltatuneError(f"{path}: generate needs a causal_lm, sft or preference run; this run classifies "
+                                 f"texts. Use `deltatune predict`.")
         return Generator(run.model, run.tokenizer, template or prompt_template(run.config, run.tokenizer), str(path))
     if not (path / "config.json").exists():
         raise DeltatuneError(f"{path}: neither a deltatune run (config.yaml) nor a model directory (config.json). "
