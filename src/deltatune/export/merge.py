@@ -25,7 +25,9 @@ SAMPLE_TEXTS = ["A moving, beautifully acted film.", "Dull, tedious and far too 
 
 
 def sample_batch(run: api.LoadedRun, limit: int = 32) -> dict[str, torch.Tensor]:
-    """Rows from the run's own validation data where it can be read, else fixed sentences."""
+    """Rows of the run's own data (its `data.text` column: classification and causal_lm runs) where they can be
+    read, else fixed sentences (sft and preference rows have no such column; every adapted layer still sees
+    the sentences, so the check stays valid)."""
     texts = list(SAMPLE_TEXTS)
     try:
         from deltatune.data import sources
