@@ -26,10 +26,7 @@ over SimPO, and the epoch count beyond which precomputing is cheaper than the li
 the live reference's extra time per step x steps per epoch, every epoch).
 
 Writes bench/results/preference_cost.md and .json (`--quick`: bench/.work/preference-cost/quick.*) and prints the
-table. Run it under the heavy lock, with the quiet flag, on an idle machine:
-
-    touch /tmp/prompts/quiet; flock /tmp/prompts/heavy.lock .venv/bin/python bench/preference_cost.py; \\
-    rm -f /tmp/prompts/quiet
+table. Run it on an idle machine (two trainings at once make every number worthless).
 """
 
 from __future__ import annotations
@@ -47,10 +44,12 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
+from deltatune.data.builtin import SENTIMENT_INSTRUCTION
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work" / "preference-cost"
 RESULTS = ROOT / "bench" / "results"
-PROMPT = "Classify the sentiment of this movie review. Answer with one word: positive or negative.\n\n"
+PROMPT = f"{SENTIMENT_INSTRUCTION}\n\n"  # as builtin:movie-reviews-pairs prompts (a seeded sample of its own here)
 LABELS = ("positive", "negative")
 SEED = 0
 
