@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from deltatune import artifacts, methods, models, prediction, preflight
+from deltatune import artifacts, methods, models, prediction, preflight, tasks
 from deltatune import config as config_mod
 from deltatune import data as data_mod
 from deltatune.config import RunConfig
@@ -336,7 +336,7 @@ def evaluate(run_dir: str | Path, data_file: str | None = None) -> dict:
     prec = precision.resolve(run.config.train.precision, next(run.model.parameters()).device)
     device = next(run.model.parameters()).device
     lm = run.config.lm
-    gen = loop.generation_inputs(split, run.config, run.tokenizer) if run.config.task in ("sft", "preference") else None
+    gen = loop.generation_inputs(split, run.config, run.tokenizer) if tasks.has_prompts(run.config.task) else None
     if run.config.task == "preference":
         result = _evaluate_pairs(run, split, prec, gen)
     else:
@@ -391,7 +391,7 @@ def prompt_template(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> str:
     text (causal_lm runs continue text as it is). Preference runs render their prompts as sft does."""
     from deltatune.data import sft
 
-    return sft.resolve_template(cfg.data.template, tokenizer) if cfg.task in ("sft", "preference") else "raw"
+    return sft.resolve_template(cfg.data.template, tokenizer) if tasks.has_prompts(cfg.task) else "raw"
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str) -> list[int]:

@@ -12,6 +12,7 @@ import numpy as np
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
+from deltatune import tasks
 from deltatune.config import DataSection, is_lm
 from deltatune.constants import IGNORE_INDEX
 from deltatune.data import packing, preference, sft, sources, validate
@@ -127,7 +128,7 @@ def build_eval(section: DataSection, tokenizer: PreTrainedTokenizerBase, labels:
                file: str) -> tuple[Split, int]:
     """One file to score a saved run on, read, checked (data.on_error as the run had it) and tokenized as in
     training, each row validated once. Returns the split and the number of rows skipped."""
-    if task in ("sft", "preference"):  # the same reading, checks and rendering as a training file
+    if tasks.has_prompts(task):  # the same reading, checks and rendering as a training file
         one = section.model_copy(update={"train": file, "validation": None, "sample": None, "packing": False})
         bundle = build(one, tokenizer, task=task)
         return bundle.train, bundle.stats["train"]["rows_skipped"]
@@ -189,7 +190,7 @@ def _read(section: DataSection, spec: str, task: str = "classification", name: s
     lm = is_lm(task)
     ds, report = validate.read(spec, section, name, lm)  # bad lines raised or skipped, each row keeps its line
     where = where or report.where
-    if task not in ("sft", "preference"):  # their columns are checked by format (sft) or as pairs (preference)
+    if not tasks.has_prompts(task):  # their columns are checked by format (sft) or as pairs (preference)
         sources.require_columns(ds, {"data.text": section.text, "data.text_pair": section.text_pair,
                                      "data.label": None if lm else section.label}, where)
         ds = validate.check(ds, section, report, lm)
