@@ -235,7 +235,8 @@ def _evaluation(info: dict) -> list:
         return [Text("No evaluation recorded (no eval lines in metrics.jsonl, no evals in summary.json).", "note")]
     names = [k for k in evals[0] if k not in ("step", "epoch", "time") and isinstance(evals[0][k], (int, float))]
     bounded = [n for n in names if n != "loss" and all(0 <= (e.get(n) or 0) <= 1 for e in evals)]
-    other = [n for n in names if n not in bounded and n != "loss"]
+    # generated_rows counts the answers a generation metric scored: in the table, not a curve.
+    other = [n for n in names if n not in bounded and n not in ("loss", "generated_rows")]
     blocks: list = []
     x = [e.get("step") for e in evals]
     if bounded:
