@@ -6,8 +6,9 @@
 2. its adapter merged into the base (`deltatune merge`, verified), which is the DPO run's base and reference;
 3. dpo: configs/smollm2-sentiment-dpo.yaml over the merged sft model (800 pairs of builtin:movie-reviews-pairs:
    the true sentiment chosen, the other rejected);
-4. the same pairs in other ways (ARMS): DPO at a 10x lower learning rate; DPO over the untuned base model, to
-   separate what DPO adds from what sft did; ORPO over the base (one stage: its loss holds an sft term).
+4. the same pairs in other ways (ARMS): DPO at lora's 10x higher default learning rate; DPO over the untuned
+   base model at both rates, to separate what DPO adds from what sft did; ORPO over the base (one stage: its
+   loss holds an sft term).
 
 Every number is on held-out data the runs never trained on: 317 pairs (preference accuracy: the model gives
 the chosen answer the higher log-probability; reward accuracy and margin: DPO's implicit reward against the
@@ -31,10 +32,12 @@ WORK = ROOT / "bench" / ".work" / "dpo"
 MERGED = WORK / "sft-merged"
 BASE = "smollm2-135m"
 # (label, row name, base model, overrides of configs/smollm2-sentiment-dpo.yaml); the first is the recipe as is.
-ARMS = [("dpo", "sft -> dpo (lr auto: 5e-4)", MERGED, []),
-        ("dpo-lr5e-5", "sft -> dpo (lr 5e-5)", MERGED, ["train.lr=5e-5"]),
-        ("dpo-from-base", "dpo over the base (no sft)", BASE, []),
-        ("orpo-from-base", "orpo over the base (one stage)", BASE, ["preference.loss=orpo", "preference.beta=null"])]
+ARMS = [("dpo", "sft -> dpo (lr 5e-5: the recipe)", MERGED, []),
+        ("dpo-lr5e-4", "sft -> dpo (lr 5e-4: lora's auto)", MERGED, ["train.lr=5e-4"]),
+        ("dpo-from-base", "dpo over the base (lr 5e-5)", BASE, []),
+        ("dpo-from-base-lr5e-4", "dpo over the base (lr 5e-4)", BASE, ["train.lr=5e-4"]),
+        ("orpo-from-base", "orpo over the base (lr 5e-4)", BASE,
+         ["preference.loss=orpo", "preference.beta=null", "train.lr=5e-4"])]
 
 
 def merged_sft(reuse: bool) -> None:
@@ -139,7 +142,7 @@ def rows(sft: dict, runs: dict) -> list[str]:
 
 
 def answer_lines(diff: dict, before: list[str], after: list[str], refs: list[str]) -> list[str]:
-    lines = ["", f"Generated answers of the sft model and of sft -> dpo (lr auto), on the same {len(refs)} held-out "
+    lines = ["", f"Generated answers of the sft model and of sft -> dpo (the recipe), on the same {len(refs)} held-out "
              f"reviews: {diff['changed']} changed; {diff['wrong_to_right']} went from wrong to right and "
              f"{diff['right_to_wrong']} from right to wrong; answers that are not exactly a label word: "
              f"{diff['off_format_before']} before, {diff['off_format_after']} after.", "",
