@@ -153,7 +153,8 @@ def test_lr_auto_is_each_methods_measured_default_and_an_explicit_lr_wins():
 
 
 def test_method_recipes_pin_no_learning_rate():
-    """configs/ recipes use the method defaults (one home for them), except where a model needs its own."""
+    """configs/ recipes use the method defaults (one home for them), except where a model or a stage needs its
+    own, measured: full fine-tuning of SmolLM2 (docs/decoders-table.md), DPO after sft (docs/preference-table.md)."""
     root = Path(__file__).resolve().parents[1] / "configs"
     pinned = {p.name for p in root.glob("*.yaml") if not config.load(p, ["data.train=x"]).train.lr_auto}
-    assert pinned == {"smollm2-sentiment-full.yaml"}
+    assert pinned == {"smollm2-sentiment-full.yaml", "smollm2-sentiment-dpo.yaml"}
