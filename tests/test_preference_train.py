@@ -291,6 +291,15 @@ def test_preference_accuracy_and_generated_answers_are_evaluated_from_the_start(
     assert "label_accuracy" in last and s["best_metric"] == "label_accuracy"
 
 
+def test_every_preference_metric_can_pick_the_best_checkpoint(tiny_chat_llama, pair_files, tmp_path):
+    """eval.metric accepts each metric task preference evaluates (the config's list and the task's agree)."""
+    from deltatune.evaluation.metrics import HIGHER_IS_BETTER, TASK_METRICS
+
+    for metric in TASK_METRICS["preference"]:
+        cfg = make(tmp_path / "run", tiny_chat_llama, pair_files, **{"eval.metric": metric})
+        assert cfg.metric == metric and metric in HIGHER_IS_BETTER
+
+
 def test_sft_then_dpo_starts_from_the_sft_runs_model(tiny_chat_llama, pair_files, tmp_path):
     """model.name may name a finished run: a full sft run stands for the model it saved; an adapter run is
     refused with the merge command, and its merged output is the DPO run's base (and reference)."""

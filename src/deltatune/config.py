@@ -126,7 +126,7 @@ class TrainSection(Section):
 class EvalSection(Section):
     every: Literal["epoch"] | int = Field("epoch", description="`epoch` or a number of optimizer steps")
     metric: Literal["auto", "accuracy", "f1", "precision", "recall", "loss", "perplexity", "exact_match",
-                    "label_accuracy", "reward_accuracy", "reward_margin"] = Field(
+                    "label_accuracy", "reward_accuracy", "reward_margin", "preference_accuracy"] = Field(
         "auto", description="picks the best checkpoint; auto = accuracy (classification) or loss (causal_lm, sft, "
         "preference); exact_match / label_accuracy generate answers (sft, preference: scored against the chosen "
         "answer); reward_accuracy / reward_margin / preference_accuracy (preference)")
