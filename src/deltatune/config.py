@@ -22,9 +22,12 @@ from pydantic import (
 )
 
 from deltatune.errors import ConfigError, did_you_mean
+from deltatune.evaluation.metrics import HIGHER_IS_BETTER
 from deltatune.methods import REGISTRY, MethodConfig
 from deltatune.sections import Section
 from deltatune.tasks import TASKS, is_lm  # noqa: F401 - is_lm: imported from here too
+
+EVAL_METRICS = ("auto", *HIGHER_IS_BETTER)  # every metric some task evaluates (metrics.TASK_METRICS says which)
 
 
 class ModelSection(Section):
@@ -125,8 +128,7 @@ class TrainSection(Section):
 
 class EvalSection(Section):
     every: Literal["epoch"] | int = Field("epoch", description="`epoch` or a number of optimizer steps")
-    metric: Literal["auto", "accuracy", "f1", "precision", "recall", "loss", "perplexity", "exact_match",
-                    "label_accuracy", "reward_accuracy", "reward_margin", "preference_accuracy"] = Field(
+    metric: Literal[EVAL_METRICS] = Field(
         "auto", description="picks the best checkpoint; auto = accuracy (classification) or loss (causal_lm, sft, "
         "preference); exact_match / label_accuracy generate answers (sft, preference: scored against the chosen "
         "answer); reward_accuracy / reward_margin / preference_accuracy (preference)")
