@@ -20,17 +20,11 @@ from deltatune.export import merge
 from deltatune.serve.app import Settings
 from deltatune.serve.command import build
 from tests.conftest import sft_rows, write_jsonl
+from tests.test_preference_train import pairs  # the same learnable toy preference
 from tests.test_serve import Server
 
-FILMS = ["good", "dull", "long", "warm", "odd", "bold", "slow", "kind"]
 PROMPTS = ["review 3 : the film was warm", "classify : dull and boring", "the plot was odd"]
 NEW_TOKENS = 8
-
-
-def pairs(n: int, offset: int = 0) -> list[dict]:
-    """The chosen answer is always `positive`, the rejected `negative`: a preference the tiny model learns."""
-    return [{"prompt": f"review {i + offset} : the film was {FILMS[(i + offset) % len(FILMS)]}",
-             "chosen": "positive", "rejected": "negative"} for i in range(n)]
 
 
 def train(out: Path, **overrides) -> Path:
